@@ -1,0 +1,155 @@
+"""Building blocks shared by the CLIP text model, the UNet and the VAE.
+
+Conventions that the weight converter (`livo_jax.convert`) relies on:
+- Attribute names mirror the PyTorch module names of diffusers/transformers, and sub-module
+  sequences are `nnx.List`s, so that a Flax state path such as
+  `down_blocks/0/resnets/1/conv1/kernel` is the torch key `down_blocks.0.resnets.1.conv1.weight`.
+- Parameters are only `kernel` (Linear [in, out], Conv [kh, kw, in, out]), `bias`, `scale`
+  (norms) and `embedding`. Nothing else holds state.
+- Activations are NHWC; `dtype` is the compute dtype, `param_dtype` the storage dtype.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Init:
+  """What every layer constructor needs besides its shape."""
+  rngs: nnx.Rngs
+  dtype: Any = jnp.float32        # compute dtype
+  param_dtype: Any = jnp.float32  # storage dtype of freshly initialised parameters
+
+
+def linear(in_features: int, out_features: int, init: Init, *, bias: bool = True) -> nnx.Linear:
+  return nnx.Linear(in_features, out_features, use_bias=bias, dtype=init.dtype,
+                    param_dtype=init.param_dtype, rngs=init.rngs)
+
+
+def conv(in_channels: int, out_channels: int, kernel_size: int, init: Init, *, stride: int = 1,
+         padding: int | None = None) -> nnx.Conv:
+  """A 2-D convolution with torch's symmetric padding (default: `kernel_size // 2`)."""
+  pad = kernel_size // 2 if padding is None else padding
+  return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
+                  padding=((pad, pad), (pad, pad)), dtype=init.dtype,
+                  param_dtype=init.param_dtype, rngs=init.rngs)
+
+
+def group_norm(channels: int, groups: int, eps: float, init: Init) -> nnx.GroupNorm:
+  # Two-pass variance, as torch computes it; statistics are taken in float32 by flax.
+  return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False,
+                       dtype=init.dtype, param_dtype=init.param_dtype, rngs=init.rngs)
+
+
+def layer_norm(features: int, eps: float, init: Init) -> nnx.LayerNorm:
+  return nnx.LayerNorm(features, epsilon=eps, use_fast_variance=False, dtype=init.dtype,
+                       param_dtype=init.param_dtype, rngs=init.rngs)
+
+
+def multi_head_attention(q, k, v, num_heads: int, *, is_causal: bool = False,
+                         upcast: bool = False, implementation: str | None = None):
+  """Scaled dot-product attention over [B, T, D] inputs, through `jax.nn.dot_product_attention`.
+
+  Args:
+    q: [B, Tq, D]; k, v: [B, Tk, D], with D = num_heads * head_dim.
+    upcast: compute in float32 whatever the input dtype (diffusers' `upcast_attention`).
+    implementation: passed to `jax.nn.dot_product_attention` (None lets JAX choose; "cudnn"
+      selects the fused flash kernel on GPU).
+  Returns:
+    [B, Tq, D] in the dtype of `q`.
+  """
+  out_dtype = q.dtype
+  if upcast:
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  split = lambda x: x.reshape(*x.shape[:2], num_heads, x.shape[-1] // num_heads)
+  out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal,
+                                     implementation=implementation)
+  return out.reshape(*out.shape[:2], -1).astype(out_dtype)
+
+
+class Attention(nnx.Module):
+  """diffusers' `Attention`: q/k/v projections, attention, `to_out.0` projection.
+
+  With `norm_groups` it is the VAE's spatial self-attention block: a group norm first, the input
+  added back at the end, and 4-D [B, H, W, C] inputs flattened to a sequence.
+  """
+
+  def __init__(self, query_dim: int, heads: int, head_dim: int, init: Init, *,
+               cross_attention_dim: int | None = None, qkv_bias: bool = False,
+               upcast: bool = False, norm_groups: int | None = None, norm_eps: float = 1e-6,
+               attention_impl: str | None = None):
+    inner = heads * head_dim
+    context_dim = cross_attention_dim or query_dim
+    self.heads = heads
+    self.upcast = upcast
+    self.attention_impl = attention_impl
+    self.group_norm = (group_norm(query_dim, norm_groups, norm_eps, init)
+                       if norm_groups else None)
+    self.to_q = linear(query_dim, inner, init, bias=qkv_bias)
+    self.to_k = linear(context_dim, inner, init, bias=qkv_bias)
+    self.to_v = linear(context_dim, inner, init, bias=qkv_bias)
+    self.to_out = nnx.List([linear(inner, query_dim, init)])
+
+  def __call__(self, x, context=None):
+    residual = x
+    if self.group_norm is not None:
+      x = self.group_norm(x)
+    spatial_shape = x.shape
+    if x.ndim == 4:
+      x = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, H*W, C]
+    context = x if context is None else context
+    out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
+                               upcast=self.upcast, implementation=self.attention_impl)
+    out = self.to_out[0](out).reshape(spatial_shape)
+    return out + residual if self.group_norm is not None else out
+
+
+class ResnetBlock2D(nnx.Module):
+  """diffusers' `ResnetBlock2D` (default time-embedding shift, output scale 1)."""
+
+  def __init__(self, in_channels: int, out_channels: int, init: Init, *,
+               temb_channels: int | None, groups: int, eps: float):
+    self.norm1 = group_norm(in_channels, groups, eps, init)
+    self.conv1 = conv(in_channels, out_channels, 3, init)
+    self.time_emb_proj = linear(temb_channels, out_channels, init) if temb_channels else None
+    self.norm2 = group_norm(out_channels, groups, eps, init)
+    self.conv2 = conv(out_channels, out_channels, 3, init)
+    self.conv_shortcut = (conv(in_channels, out_channels, 1, init)
+                          if in_channels != out_channels else None)
+
+  def __call__(self, x, temb=None):  # x [B, H, W, Cin], temb [B, T]
+    h = self.conv1(jax.nn.silu(self.norm1(x)))
+    if self.time_emb_proj is not None:
+      h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+    h = self.conv2(jax.nn.silu(self.norm2(h)))
+    if self.conv_shortcut is not None:
+      x = self.conv_shortcut(x)
+    return x + h
+
+
+class Downsample2D(nnx.Module):
+  """A stride-2 3x3 conv. `padding=0` pads only bottom/right, as the VAE encoder does."""
+
+  def __init__(self, channels: int, init: Init, *, padding: int = 1):
+    self.pad_bottom_right = padding == 0
+    self.conv = conv(channels, channels, 3, init, stride=2, padding=padding)
+
+  def __call__(self, x):
+    if self.pad_bottom_right:
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+  """Nearest-neighbour x2, then a 3x3 conv."""
+
+  def __init__(self, channels: int, init: Init):
+    self.conv = conv(channels, channels, 3, init)
+
+  def __call__(self, x):
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return self.conv(x)
