@@ -2,7 +2,7 @@
 
 A field we implement is read into the dataclass. A field whose only supported value is fixed
 (for example `class_embed_type: null`) must hold that value. A field with no effect on the
-forward pass (dropout, sample_size, library versions) is ignored. Anything else is an error that
+forward pass (dropout, library versions) is ignored. Anything else is an error that
 names the field, so an unsupported model is never silently run as a different one.
 """
 

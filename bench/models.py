@@ -1,0 +1,105 @@
+"""Forward time of our Flax UNet against diffusers' torch UNet, same weights, on the CPU.
+
+  python bench/models.py                      # mid-sized SD-shaped UNet, 32x32 latents, batch 2
+  python bench/models.py --preset=sd15 --resolution=64 --batch=1   # the real SD 1.5 shape
+
+Prints one JSON object: median forward seconds of each side after warm-up, the ratio
+torch / flax (> 1 means Flax is faster), the Flax compile time, and the max abs difference of the
+two outputs relative to the output's scale (a parity check on a bigger model than the tests use).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from livo_jax import convert  # pylint: disable=wrong-import-position
+from livo_jax.models import UNet2DConditionModel, UNetConfig  # pylint: disable=wrong-import-position
+
+_SD_BLOCKS = dict(
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    layers_per_block=2, attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32)
+PRESETS = {
+    # SD 1.5's layout at half its width: 4 levels, 2 layers each, 8 heads, 768-d context.
+    "mid": dict(_SD_BLOCKS, block_out_channels=[160, 320, 640, 640]),
+    "sd15": dict(_SD_BLOCKS, block_out_channels=[320, 640, 1280, 1280]),
+}
+
+
+def median_seconds(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--preset", choices=sorted(PRESETS), default="mid")
+  parser.add_argument("--resolution", type=int, default=32, help="latent height = width")
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--context_len", type=int, default=77)
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+
+  torch.manual_seed(0)
+  torch_unet = diffusers.UNet2DConditionModel(**PRESETS[args.preset]).eval()
+  tensors = {k: v.numpy() for k, v in torch_unet.state_dict().items()}
+  config = UNetConfig.from_dict(dict(torch_unet.config))
+  unet = nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
+  convert.fill_from_torch(unet, tensors, "torch UNet")
+
+  rng = np.random.default_rng(0)
+  latents = rng.standard_normal((args.batch, 4, args.resolution, args.resolution), np.float32)
+  context = rng.standard_normal((args.batch, args.context_len, 768), np.float32)
+  timesteps = np.array([500] * args.batch)
+
+  with torch.inference_mode():
+    torch_inputs = (torch.from_numpy(latents), torch.from_numpy(timesteps),
+                    torch.from_numpy(context))
+    torch_forward = lambda: torch_unet(*torch_inputs).sample
+    torch_out = torch_forward().numpy()
+    torch_seconds = median_seconds(torch_forward, args.repeats)
+
+  graphdef, state = nnx.split(unet)
+  forward = jax.jit(lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c))
+  jax_inputs = (state, jnp.asarray(latents.transpose(0, 2, 3, 1)), jnp.asarray(timesteps),
+                jnp.asarray(context))
+  start = time.perf_counter()
+  compiled = forward.lower(*jax_inputs).compile()
+  compile_seconds = time.perf_counter() - start
+  flax_out = np.asarray(compiled(*jax_inputs).block_until_ready())
+  flax_seconds = median_seconds(lambda: compiled(*jax_inputs).block_until_ready(), args.repeats)
+
+  error = np.abs(flax_out.transpose(0, 3, 1, 2) - torch_out).max() / np.abs(torch_out).max()
+  print(json.dumps({
+      "benchmark": "unet_forward", "preset": args.preset, "batch": args.batch,
+      "latent_resolution": args.resolution, "context_len": args.context_len,
+      "parameters": sum(v.size for v in tensors.values()),
+      "torch_seconds": round(torch_seconds, 4), "flax_seconds": round(flax_seconds, 4),
+      "speedup_flax_over_torch": round(torch_seconds / flax_seconds, 3),
+      "flax_compile_seconds": round(compile_seconds, 2),
+      "max_rel_error": float(f"{error:.3g}"),
+      "torch_threads": torch.get_num_threads(), "jax_backend": jax.default_backend(),
+      "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+      "torch": torch.__version__, "jax": jax.__version__,
+  }, indent=2))
+
+
+if __name__ == "__main__":
+  main()

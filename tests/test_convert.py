@@ -1,0 +1,333 @@
+"""Folder conversion: bit-exact round trips, torch reloads, Flax checkpoints, clear errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import diffusers
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+import testutil
+from livo_jax import convert
+from livo_jax.errors import ConfigError, WeightsError
+from livo_jax.models import load_clip_text, load_unet, load_vae
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, "tools", "convert_weights.py")
+
+CLIP_CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                   num_attention_heads=4, max_position_embeddings=12, eos_token_id=2,
+                   bos_token_id=0, pad_token_id=1)
+UNET_CONFIG = dict(block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32,
+                   attention_head_dim=4, norm_num_groups=8, sample_size=8,
+                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+VAE_CONFIG = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                  latent_channels=4, sample_size=16,
+                  down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def randomised(module):
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for p in module.parameters():
+      p.copy_(0.1 * torch.randn_like(p))
+  return module.eval()
+
+
+def make_component(kind, folder, *, dtype=torch.float32, safe=True):
+  model = randomised({
+      "text_encoder": lambda: transformers.CLIPTextModel(
+          transformers.CLIPTextConfig(**CLIP_CONFIG)),
+      "unet": lambda: diffusers.UNet2DConditionModel(**UNET_CONFIG),
+      "vae": lambda: diffusers.AutoencoderKL(**VAE_CONFIG),
+  }[kind]()).to(dtype)
+  model.save_pretrained(folder, safe_serialization=safe)
+  return model
+
+
+def make_sd_folder(root):
+  for kind in convert.PIPELINE_COMPONENTS:
+    make_component(kind, os.path.join(root, kind))
+  os.makedirs(os.path.join(root, "tokenizer"))
+  with open(os.path.join(root, "tokenizer", "vocab.json"), "w") as f:
+    json.dump({"a</w>": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}, f)
+  with open(os.path.join(root, "tokenizer", "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n")
+  diffusers.DDIMScheduler(beta_schedule="scaled_linear").save_pretrained(
+      os.path.join(root, "scheduler"))
+  with open(os.path.join(root, "model_index.json"), "w") as f:
+    json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}, f)
+
+
+def all_files(root):
+  return sorted(os.path.relpath(os.path.join(d, f), root)
+                for d, _, files in os.walk(root) for f in files)
+
+
+def torch_tensors(folder):
+  """Every tensor of a torch component folder, keys normalised to the current layout."""
+  kind = convert.kind_of_folder(folder)
+  tensors = {}
+  for path in convert.weights_files(folder, kind):
+    tensors.update(convert.read_tensors(path))
+  return kind.normalise_keys(tensors)
+
+
+def assert_bit_exact(a, b):
+  assert sorted(a) == sorted(b)
+  for key in a:
+    assert a[key].dtype == b[key].dtype, key
+    assert a[key].shape == b[key].shape, key
+    assert a[key].tobytes() == b[key].tobytes(), key
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("sd") / "tiny-sd")
+  make_sd_folder(root)
+  return root
+
+
+@pytest.fixture(scope="module")
+def round_trip(sd_folder, tmp_path_factory):
+  base = tmp_path_factory.mktemp("round_trip")
+  flax_dir, torch_dir = str(base / "flax"), str(base / "torch")
+  convert.import_folder(sd_folder, flax_dir)
+  convert.export_folder(flax_dir, torch_dir)
+  return flax_dir, torch_dir
+
+
+def test_whole_sd_folder_round_trip_is_bit_exact(sd_folder, round_trip):
+  flax_dir, torch_dir = round_trip
+  for name in convert.PIPELINE_COMPONENTS:
+    assert convert.is_flax_checkpoint(os.path.join(flax_dir, name))
+    assert_bit_exact(torch_tensors(os.path.join(sd_folder, name)),
+                     torch_tensors(os.path.join(torch_dir, name)))
+  for copied in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+                 "tokenizer/merges.txt"):
+    with open(os.path.join(sd_folder, copied), "rb") as a, \
+         open(os.path.join(torch_dir, copied), "rb") as b:
+      assert a.read() == b.read(), copied
+
+
+def test_torch_classes_reload_exports_cleanly(round_trip):
+  _, torch_dir = round_trip
+  loaders = {"text_encoder": transformers.CLIPTextModel,
+             "unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL}
+  for name, cls in loaders.items():
+    _, info = cls.from_pretrained(os.path.join(torch_dir, name), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
+    assert not info["mismatched_keys"], (name, info)
+
+
+def test_text_encoder_export_keeps_transformers4_prefix(round_trip):
+  _, torch_dir = round_trip
+  keys = load_file(os.path.join(torch_dir, "text_encoder", "model.safetensors"))
+  assert all(k.startswith("text_model.") for k in keys)
+
+
+def test_loaders_accept_flax_checkpoints(sd_folder, round_trip):
+  flax_dir, _ = round_trip
+  for loader, name in ((load_clip_text, "text_encoder"), (load_unet, "unet"), (load_vae, "vae")):
+    from_torch = convert.flax_state_dict(loader(os.path.join(sd_folder, name)))
+    from_flax = convert.flax_state_dict(loader(os.path.join(flax_dir, name)))
+    assert_bit_exact(from_torch, from_flax)
+
+
+def test_fp16_file_stays_fp16(tmp_path):
+  src, flax_dir, out = (str(tmp_path / n) for n in ("src", "flax", "out"))
+  make_component("vae", src, dtype=torch.float16)
+  convert.import_folder(src, flax_dir)
+  convert.export_folder(flax_dir, out)
+  exported = torch_tensors(out)
+  assert {v.dtype for v in exported.values()} == {np.dtype("float16")}
+  assert_bit_exact(torch_tensors(src), exported)
+  # The loader keeps the storage dtype unless asked, and computes in the given dtype.
+  vae = load_vae(src)
+  assert vae.decoder.conv_out.kernel.value.dtype == jnp.float16
+  assert load_vae(src, param_dtype=jnp.float32).decoder.conv_out.kernel.value.dtype == jnp.float32
+
+
+def test_bin_weights_load_when_torch_is_installed(tmp_path):
+  src = str(tmp_path / "bin")
+  torch_model = make_component("text_encoder", src)
+  os.remove(os.path.join(src, "model.safetensors"))  # transformers 5 writes only safetensors
+  torch.save(torch_model.state_dict(), os.path.join(src, "pytorch_model.bin"))
+  model = load_clip_text(src)
+  ids = np.array([[0, 5, 9, 63, 1]])
+  with torch.no_grad():
+    ref = torch_model(torch.from_numpy(ids)).pooler_output
+  assert testutil.max_abs_err(model(jnp.asarray(ids))[1], ref) <= 1e-5
+
+
+def test_clip_keys_with_and_without_prefix_and_old_buffers(tmp_path, sd_folder):
+  src = os.path.join(sd_folder, "text_encoder")
+  tensors = load_file(os.path.join(src, "model.safetensors"))
+  reference = convert.flax_state_dict(load_clip_text(src))
+  prefixed = {("" if k.startswith("text_model.") else "text_model.") + k: v
+              for k, v in tensors.items()}
+  prefixed["text_model.embeddings.position_ids"] = np.arange(12)[None]  # old files hold it
+  folder = str(tmp_path / "prefixed")
+  os.makedirs(folder)
+  shutil.copy(os.path.join(src, "config.json"), folder)
+  save_file(prefixed, os.path.join(folder, "model.safetensors"))
+  assert_bit_exact(reference, convert.flax_state_dict(load_clip_text(folder)))
+
+
+def test_legacy_vae_attention_names_load(tmp_path, sd_folder):
+  src = os.path.join(sd_folder, "vae")
+  tensors = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
+  legacy = {}
+  for key, value in tensors.items():
+    for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"),
+                     ("to_out.0", "proj_attn")):
+      key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+    legacy[key] = value
+  assert any(".attentions.0.query." in k for k in legacy)
+  folder = str(tmp_path / "legacy_vae")
+  os.makedirs(folder)
+  shutil.copy(os.path.join(src, "config.json"), folder)
+  save_file(legacy, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+  assert_bit_exact(convert.flax_state_dict(load_vae(src)),
+                   convert.flax_state_dict(load_vae(folder)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: each error names the key, field or file.
+
+def edited_copy(src, dst, edit_tensors=None, edit_config=None):
+  shutil.copytree(src, dst)
+  if edit_tensors:
+    path = convert.weights_files(dst, convert.kind_of_folder(dst))[0]
+    tensors = load_file(path)
+    edit_tensors(tensors)
+    save_file(tensors, path)
+  if edit_config:
+    path = os.path.join(dst, "config.json")
+    with open(path) as f:
+      config = json.load(f)
+    edit_config(config)
+    with open(path, "w") as f:
+      json.dump(config, f)
+  return dst
+
+
+def test_missing_key_is_named(sd_folder, tmp_path):
+  key = "mid_block.resnets.0.conv1.weight"
+  folder = edited_copy(os.path.join(sd_folder, "unet"), str(tmp_path / "u"),
+                       edit_tensors=lambda t: t.pop(key))
+  with pytest.raises(WeightsError, match=r"missing keys \(1\): " + key.replace(".", r"\.")):
+    load_unet(folder)
+
+
+def test_unexpected_key_is_named(sd_folder, tmp_path):
+  folder = edited_copy(os.path.join(sd_folder, "unet"), str(tmp_path / "u"),
+                       edit_tensors=lambda t: t.update(extra_head=np.zeros(3, np.float32)))
+  with pytest.raises(WeightsError, match=r"unexpected keys \(1\): extra_head"):
+    load_unet(folder)
+
+
+def test_mis_shaped_key_is_named(sd_folder, tmp_path):
+  key = "decoder.conv_out.weight"
+  def widen(tensors):
+    tensors[key] = np.zeros((3, 16, 3, 5), np.float32)
+  folder = edited_copy(os.path.join(sd_folder, "vae"), str(tmp_path / "v"), edit_tensors=widen)
+  with pytest.raises(WeightsError, match=key.replace(".", r"\.") +
+                     r": file \(3, 16, 3, 5\), model expects \(3, 16, 3, 3\)"):
+    load_vae(folder)
+
+
+def test_unreadable_weights_file_is_named(sd_folder, tmp_path):
+  folder = edited_copy(os.path.join(sd_folder, "text_encoder"), str(tmp_path / "t"))
+  with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+    f.write(b"\x00not a safetensors file")
+  with pytest.raises(WeightsError, match="model.safetensors: unreadable safetensors file"):
+    load_clip_text(folder)
+
+
+def test_missing_weights_file_is_named(sd_folder, tmp_path):
+  folder = edited_copy(os.path.join(sd_folder, "vae"), str(tmp_path / "v"))
+  os.remove(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+  with pytest.raises(WeightsError, match="no weights file"):
+    load_vae(folder)
+
+
+def test_unsupported_config_field_is_named(sd_folder, tmp_path):
+  folder = edited_copy(os.path.join(sd_folder, "unet"), str(tmp_path / "u"),
+                       edit_config=lambda c: c.update(class_embed_type="timestep"))
+  with pytest.raises(ConfigError, match="'class_embed_type' = 'timestep' is not supported"):
+    load_unet(folder)
+
+
+def test_unreadable_config_is_named(sd_folder, tmp_path):
+  folder = edited_copy(os.path.join(sd_folder, "vae"), str(tmp_path / "v"))
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    f.write("{not json")
+  with pytest.raises(ConfigError, match="config.json: unreadable config"):
+    load_vae(folder)
+
+
+def test_import_refuses_to_overwrite(sd_folder, tmp_path):
+  dst = tmp_path / "dst"
+  dst.mkdir()
+  (dst / "keep.txt").write_text("precious")
+  with pytest.raises(FileExistsError, match="not empty"):
+    convert.import_folder(sd_folder, str(dst))
+  assert (dst / "keep.txt").read_text() == "precious"
+
+
+# ---------------------------------------------------------------------------------------------
+# The command-line tool.
+
+def run_tool(*args):
+  return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
+                        cwd=REPO, timeout=300)
+
+
+def test_tool_import_export_inspect(sd_folder, tmp_path):
+  flax_dir, torch_dir = str(tmp_path / "flax"), str(tmp_path / "torch")
+  result = run_tool("import", os.path.join(sd_folder, "vae"), flax_dir)
+  assert result.returncode == 0, result.stderr
+  result = run_tool("export", flax_dir, torch_dir)
+  assert result.returncode == 0, result.stderr
+  assert_bit_exact(torch_tensors(os.path.join(sd_folder, "vae")), torch_tensors(torch_dir))
+  result = run_tool("inspect", sd_folder)
+  assert result.returncode == 0, result.stderr
+  vae_count = sum(v.size for v in torch_tensors(os.path.join(sd_folder, "vae")).values())
+  assert f"{vae_count:,} parameters" in result.stdout
+  assert "encoder.conv_in.weight" in result.stdout and "float32" in result.stdout
+
+
+def test_tool_error_is_one_line_naming_the_key(sd_folder, tmp_path):
+  folder = edited_copy(os.path.join(sd_folder, "unet"), str(tmp_path / "u"),
+                       edit_tensors=lambda t: t.pop("conv_in.bias"))
+  result = run_tool("import", folder, str(tmp_path / "out"))
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "conv_in.bias" in lines[0], result.stderr
+  assert not os.path.exists(tmp_path / "out" / "flax_params")
+
+
+def test_sharded_safetensors_load(tmp_path, sd_folder):
+  src = os.path.join(sd_folder, "unet")
+  tensors = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
+  folder = tmp_path / "sharded"
+  folder.mkdir()
+  shutil.copy(os.path.join(src, "config.json"), folder)
+  keys = sorted(tensors)
+  shards = {"part-1.safetensors": keys[::2], "part-2.safetensors": keys[1::2]}
+  for name, shard_keys in shards.items():
+    save_file({k: tensors[k] for k in shard_keys}, str(folder / name))
+  index = {"weight_map": {k: name for name, ks in shards.items() for k in ks}}
+  (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+  assert_bit_exact(convert.flax_state_dict(load_unet(src)),
+                   convert.flax_state_dict(load_unet(str(folder))))
