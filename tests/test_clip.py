@@ -30,11 +30,8 @@ INPUT_IDS = np.array([
 
 
 def torch_clip(config_kwargs, folder):
-  torch.manual_seed(0)
-  model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config_kwargs)).eval()
-  with torch.no_grad():  # larger than the default init, so that every layer matters
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
+  model = testutil.randomize(
+      transformers.CLIPTextModel(transformers.CLIPTextConfig(**config_kwargs)), seed=0)
   model.save_pretrained(folder)
   return model
 
@@ -51,7 +48,7 @@ def test_parity_with_transformers(clip_pair):
   model = load_clip_text(folder)
   with torch.no_grad():
     ref = torch_model(torch.from_numpy(INPUT_IDS))
-  hidden, pooled = nnx.jit(lambda m, ids: m(ids))(model, jnp.asarray(INPUT_IDS))
+  hidden, pooled = testutil.jitted(model)(jnp.asarray(INPUT_IDS))
   assert hidden.shape == (2, 12, 32) and pooled.shape == (2, 32)
   assert testutil.max_abs_err(hidden, ref.last_hidden_state) <= 1e-5
   assert testutil.max_abs_err(pooled, ref.pooler_output) <= 1e-5

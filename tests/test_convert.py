@@ -35,21 +35,13 @@ VAE_CONFIG = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_grou
                   up_block_types=("UpDecoderBlock2D",) * 2)
 
 
-def randomised(module):
-  torch.manual_seed(0)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.copy_(0.1 * torch.randn_like(p))
-  return module.eval()
-
-
 def make_component(kind, folder, *, dtype=torch.float32, safe=True):
-  model = randomised({
+  model = testutil.randomize({
       "text_encoder": lambda: transformers.CLIPTextModel(
           transformers.CLIPTextConfig(**CLIP_CONFIG)),
       "unet": lambda: diffusers.UNet2DConditionModel(**UNET_CONFIG),
       "vae": lambda: diffusers.AutoencoderKL(**VAE_CONFIG),
-  }[kind]()).to(dtype)
+  }[kind](), seed=0).to(dtype)
   model.save_pretrained(folder, safe_serialization=safe)
   return model
 
@@ -66,11 +58,6 @@ def make_sd_folder(root):
       os.path.join(root, "scheduler"))
   with open(os.path.join(root, "model_index.json"), "w") as f:
     json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}, f)
-
-
-def all_files(root):
-  return sorted(os.path.relpath(os.path.join(d, f), root)
-                for d, _, files in os.walk(root) for f in files)
 
 
 def torch_tensors(folder):

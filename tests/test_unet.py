@@ -90,30 +90,13 @@ TIMESTEPS = np.array([999, 10])
 RTOL = 1e-4  # max abs error / max abs torch output
 
 
-def randomize(torch_module, seed: int, std: float = 0.1):
-  """Overwrites every parameter (diffusers zero-inits some, which would hide bugs)."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in torch_module.named_parameters():
-      mean = 1.0 if p.ndim == 1 and name.endswith("weight") else 0.0  # norm scales around 1
-      p.copy_(mean + std * torch.randn(p.shape, generator=generator))
-  return torch_module
-
-
-def jitted(model):
-  """The model's forward as a jitted function of (latents, timesteps, context)."""
-  graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
-  return lambda *args: forward(state, *args)
-
-
 class Pair:
   """A random torch UNet, its config as diffusers writes it, and Flax UNets with its weights."""
 
   def __init__(self, torch_kwargs, seed=0):
-    self.torch_model = randomize(TorchUNet(**torch_kwargs).eval(), seed)
+    self.torch_model = testutil.randomize(TorchUNet(**torch_kwargs), seed)
     self.config = UNetConfig.from_dict(json.loads(self.torch_model.to_json_string()))
-    self.forward = jitted(self.flax_model())
+    self.forward = testutil.jitted(self.flax_model())
 
   def flax_model(self, **kwargs):
     model = UNet2DConditionModel(self.config, rngs=nnx.Rngs(0), **kwargs)
@@ -205,7 +188,7 @@ def test_bf16_compute_stays_close(sd1):
   model = sd1.flax_model(dtype=jnp.bfloat16)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   inputs = sd1.inputs(context_len=77)
-  out = jitted(model)(*inputs)
+  out = testutil.jitted(model)(*inputs)
   assert out.dtype == jnp.float32
   # Measured: 2.0e-2 of the output's scale (2.2e-2 for the tiny SD2 config).
   assert relative_err(out, sd1.torch_forward(*inputs)) <= 5e-2

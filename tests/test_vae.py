@@ -42,16 +42,7 @@ SD15_PARAMS = 83_653_863
 
 
 def random_torch_vae(raw, seed):
-  """A torch VAE with every parameter random, so zero-initialised layers cannot hide bugs."""
-  torch.manual_seed(seed)
-  model = TorchAutoencoderKL(**raw).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1 and name.endswith(".weight"):  # group-norm scales: around 1
-        p.copy_(1 + 0.1 * torch.randn_like(p))
-      else:
-        p.copy_(0.1 * torch.randn_like(p))
-  return model
+  return testutil.randomize(TorchAutoencoderKL(**raw), seed)
 
 
 def flax_vae(raw, torch_model, **kwargs):
@@ -59,13 +50,6 @@ def flax_vae(raw, torch_model, **kwargs):
   config = VAEConfig.from_dict(raw)
   model = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0), **kwargs))
   return testutil.copy_torch_weights(model, torch_model)
-
-
-def jitted(model, method):
-  """`model.method` compiled, with the parameters as a jit argument rather than constants."""
-  graphdef, state = nnx.split(model)
-  fn = jax.jit(lambda state, x: getattr(nnx.merge(graphdef, state), method)(x))
-  return lambda x: fn(state, x)
 
 
 def torch_outputs(model, images, latents):
@@ -94,8 +78,8 @@ def full():
 def test_full_matches_diffusers(full):
   torch_model, model, images, latents = full
   mean_ref, logvar_ref, decoded_ref = torch_outputs(torch_model, images, latents)
-  mean, logvar = jitted(model, "encode")(images)
-  decoded = jitted(model, "decode")(latents)
+  mean, logvar = testutil.jitted(model, "encode")(images)
+  decoded = testutil.jitted(model, "decode")(latents)
   assert mean.shape == (2, 8, 8, 4) and decoded.shape == (2, 32, 32, 3)
   # Measured: mean 1.4e-6, logvar 2.0e-6, decoded 4.5e-6.
   assert testutil.max_abs_err(mean, mean_ref) <= 1e-4
@@ -114,8 +98,8 @@ def test_bare_matches_diffusers_and_clamps_logvar():
   model = flax_vae(BARE, torch_model)
   images, latents = inputs(BARE, seed=1)
   mean_ref, logvar_ref, decoded_ref = torch_outputs(torch_model, images, latents)
-  mean, logvar = jitted(model, "encode")(images)
-  decoded = jitted(model, "decode")(latents)
+  mean, logvar = testutil.jitted(model, "encode")(images)
+  decoded = testutil.jitted(model, "decode")(latents)
   np.testing.assert_array_equal(logvar[..., 0], 20.0)
   np.testing.assert_array_equal(logvar[..., 1], -30.0)
   # Measured: mean 6.0e-6, logvar 5.5e-6, decoded 4.5e-6.
@@ -131,8 +115,8 @@ def test_bfloat16_compute_is_close_to_float32(full):
   # abs error 3.0% / 2.3% / 4.1% of the max abs output. diffusers' own bf16 model is as far from
   # its float32 outputs (2.2% mean, 1.7-3.8% max over seeds 0-2): random weights amplify rounding.
   for method, x in (("encode", images), ("decode", latents)):
-    ref = jax.tree.leaves(jitted(model, method)(x))
-    out = jax.tree.leaves(jitted(model16, method)(x))
+    ref = jax.tree.leaves(testutil.jitted(model, method)(x))
+    out = jax.tree.leaves(testutil.jitted(model16, method)(x))
     for a, b in zip(out, ref):
       assert a.dtype == jnp.bfloat16
       error = np.abs(np.asarray(a, np.float32) - b)
