@@ -88,7 +88,7 @@ def _fill(model: nnx.Module, tensors: Mapping[str, np.ndarray], source: str, *,
   if missing or unexpected or mis_shaped:
     raise WeightsError(_mismatch_message(source, missing, unexpected, mis_shaped))
   for key, (path, var) in expected.items():
-    var.value = jnp.asarray(to_model(path, np.asarray(tensors[key])), dtype=dtype)
+    var.set_value(jnp.asarray(to_model(path, np.asarray(tensors[key])), dtype=dtype))
 
 
 def fill_from_torch(model: nnx.Module, tensors: Mapping[str, np.ndarray], source: str,
@@ -111,13 +111,13 @@ def fill_from_flax(model: nnx.Module, tensors: Mapping[str, np.ndarray], source:
 
 def torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """The model's parameters as a torch-layout state dict of numpy arrays (dtypes kept)."""
-  return {torch_key(path): np.ascontiguousarray(to_torch_layout(path, np.asarray(var.value)))
+  return {torch_key(path): np.ascontiguousarray(to_torch_layout(path, np.asarray(var.get_value())))
           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def flax_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """The model's parameters keyed by `flax_key` paths (dtypes kept)."""
-  return {flax_key(path): np.asarray(var.value)
+  return {flax_key(path): np.asarray(var.get_value())
           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -222,7 +222,7 @@ def kind_of_folder(folder: str) -> ModelKind:
 def read_config(folder: str) -> dict[str, Any]:
   path = os.path.join(folder, CONFIG_NAME)
   if not os.path.isfile(path):
-    raise ConfigError(f"{path}: no config.json (is {folder!r} a model folder?)")
+    raise ConfigError(f"{folder}: no config.json (not a model folder?)")
   try:
     with open(path) as f:
       raw = json.load(f)

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import testutil
 from livo_jax import convert
 from livo_jax.errors import ConfigError, WeightsError
-from livo_jax.models import load_clip_text, load_unet, load_vae
+from livo_jax.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
+                             UNetConfig, VAEConfig, load_clip_text, load_unet, load_vae)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "convert_weights.py")
@@ -140,8 +142,8 @@ def test_fp16_file_stays_fp16(tmp_path):
   assert_bit_exact(torch_tensors(src), exported)
   # The loader keeps the storage dtype unless asked, and computes in the given dtype.
   vae = load_vae(src)
-  assert vae.decoder.conv_out.kernel.value.dtype == jnp.float16
-  assert load_vae(src, param_dtype=jnp.float32).decoder.conv_out.kernel.value.dtype == jnp.float32
+  assert vae.decoder.conv_out.kernel.get_value().dtype == jnp.float16
+  assert load_vae(src, param_dtype=jnp.float32).decoder.conv_out.kernel.get_value().dtype == jnp.float32
 
 
 def test_bin_weights_load_when_torch_is_installed(tmp_path):
@@ -318,3 +320,41 @@ def test_sharded_safetensors_load(tmp_path, sd_folder):
   (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
   assert_bit_exact(convert.flax_state_dict(load_unet(src)),
                    convert.flax_state_dict(load_unet(str(folder))))
+
+
+def test_models_built_in_jax_save_as_torch_folders(tmp_path):
+  """Models made from a config (as the demo and the trainer make them) export for torch."""
+  rng = np.random.default_rng(0)
+  clip = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG), rngs=nnx.Rngs(1))
+  convert.save_pretrained(clip, str(tmp_path / "clip"))
+  torch_clip = transformers.CLIPTextModel.from_pretrained(str(tmp_path / "clip")).eval()
+  ids = np.array([[0, 7, 63, 1, 1]])
+  with torch.no_grad():
+    ref = torch_clip(torch.from_numpy(ids))
+  hidden, pooled = testutil.jitted(clip)(jnp.asarray(ids))
+  assert testutil.max_abs_err(hidden, ref.last_hidden_state) <= 1e-5
+  assert testutil.max_abs_err(pooled, ref.pooler_output) <= 1e-5
+
+  unet = UNet2DConditionModel(UNetConfig(**UNET_CONFIG), rngs=nnx.Rngs(2))
+  convert.save_pretrained(unet, str(tmp_path / "unet"))
+  torch_unet, info = diffusers.UNet2DConditionModel.from_pretrained(
+      str(tmp_path / "unet"), output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  latents = rng.standard_normal((1, 8, 8, 4), np.float32)
+  context = rng.standard_normal((1, 5, 32), np.float32)
+  with torch.no_grad():
+    ref = torch_unet.eval()(torch.from_numpy(testutil.nhwc_to_nchw(latents)), 10,
+                            torch.from_numpy(context)).sample
+  out = testutil.jitted(unet)(jnp.asarray(latents), jnp.array([10]), jnp.asarray(context))
+  assert testutil.max_abs_err(out, testutil.nchw_to_nhwc(ref)) <= 1e-4 * float(ref.abs().max())
+
+  vae = AutoencoderKL(VAEConfig(**VAE_CONFIG), rngs=nnx.Rngs(3))
+  convert.save_pretrained(vae, str(tmp_path / "vae"))
+  torch_vae = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "vae")).eval()
+  assert torch_vae.config.scaling_factor == vae.scaling_factor
+  assert torch_vae.config.sample_size == VAE_CONFIG["sample_size"]
+  images = rng.uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = torch_vae.encode(torch.from_numpy(testutil.nhwc_to_nchw(images))).latent_dist.mean
+  mean, _ = testutil.jitted(vae, "encode")(jnp.asarray(images))
+  assert testutil.max_abs_err(mean, testutil.nchw_to_nhwc(ref)) <= 1e-4

@@ -11,6 +11,7 @@ along. `import` then `export` reproduces every tensor bit for bit.
 
 import argparse
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     sub.add_argument("dst")
   commands.add_parser("inspect", help="print keys, shapes, dtypes, counts").add_argument("path")
   args = parser.parse_args(argv)
+  signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `inspect ... | head` ends quietly
   try:
     if args.command == "inspect":
       inspect(args.path)
