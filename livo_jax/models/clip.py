@@ -135,15 +135,6 @@ class CLIPEncoder(nnx.Module):
                             for _ in range(config.num_hidden_layers)])
 
 
-def _apply_layer(layer, x):
-  return layer(x)
-
-
-# Tree-mode remat: graph-mode (flax 0.12's default) fails when the model is merged inside
-# `jax.grad`, which is how the trainer differentiates the value encoder.
-_apply_layer_remat = nnx.remat(_apply_layer, graph_updates=False)
-
-
 class CLIPTextModel(nnx.Module):
   """HF `CLIPTextModel` in Flax. Parameter paths are HF's keys without the `text_model.` prefix.
 
@@ -170,9 +161,8 @@ class CLIPTextModel(nnx.Module):
     """input_ids [B, L] int -> (last_hidden_state [B, L, D], pooled [B, D])."""
     input_ids = jnp.asarray(input_ids)
     x = self.embeddings(input_ids)
-    apply = _apply_layer_remat if self.remat else _apply_layer
     for layer in self.encoder.layers:
-      x = apply(layer, x)
+      x = layers.call(layer, x, remat=self.remat)
     x = self.final_layer_norm(x)
     pooled = jnp.take_along_axis(x, self.pool_index(input_ids)[:, None, None], axis=1)[:, 0]
     return x, pooled

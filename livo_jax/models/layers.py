@@ -153,3 +153,18 @@ class Upsample2D(nnx.Module):
   def __call__(self, x):
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     return self.conv(x)
+
+
+def _call(module, *args):
+  return module(*args)
+
+
+# Recomputes everything inside the module on the backward pass. Tree mode: the forward pass
+# changes no state, and graph mode (flax 0.12's default) fails when the model is merged inside
+# `jax.grad`, which is how the trainer differentiates through the models.
+_call_rematerialised = nnx.remat(_call, graph_updates=False)
+
+
+def call(module, *args, remat: bool):
+  """`module(*args)`, rematerialised on the backward pass when `remat`."""
+  return (_call_rematerialised if remat else _call)(module, *args)

@@ -10,6 +10,7 @@ class/addition embeddings. Anything else in a config is refused by `UNetConfig.f
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
@@ -329,15 +330,6 @@ class UpBlock(nnx.Module):
     return x
 
 
-def _call(module, *args):
-  return module(*args)
-
-
-# Recomputes everything inside a block on the backward pass. The forward pass changes no state,
-# so no graph updates need propagating (which also lets it run on a model merged inside a trace).
-_call_rematerialised = nnx.remat(_call, graph_updates=False)
-
-
 class UNet2DConditionModel(nnx.Module):
   """The conditional denoising UNet of Stable Diffusion.
 
@@ -413,7 +405,7 @@ class UNet2DConditionModel(nnx.Module):
     if latents.shape[1] % factor or latents.shape[2] % factor:
       raise ValueError(f"latent height and width must be multiples of {factor}, "
                        f"got {latents.shape[1:3]}")
-    run = _call_rematerialised if self.remat else _call
+    run = functools.partial(layers.call, remat=self.remat)
     temb = timestep_embedding(jnp.broadcast_to(timesteps, latents.shape[:1]),
                               self.config.block_out_channels[0],
                               flip_sin_to_cos=self.config.flip_sin_to_cos,
