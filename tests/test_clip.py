@@ -71,7 +71,7 @@ def test_bf16_compute_close_to_fp32(clip_pair):
   hidden16, _ = load_clip_text(folder, dtype=jnp.bfloat16)(ids)
   assert hidden16.dtype == jnp.bfloat16
   rel = testutil.max_abs_err(hidden16, hidden32) / float(jnp.abs(hidden32).max())
-  assert rel < 2e-2  # measured ~4e-3 on these tiny models
+  assert rel < 2e-2  # measured 9.0e-3 (modern) and 9.6e-3 (legacy)
 
 
 def test_remat_gives_same_values_and_gradients(clip_pair):
