@@ -103,7 +103,7 @@ def fill_from_torch(model: nnx.Module, tensors: Mapping[str, np.ndarray], source
 
 
 def fill_from_checkpoint(model: nnx.Module, tensors: Mapping[str, np.ndarray], source: str,
-                   dtype=None) -> None:
+                         dtype=None) -> None:
   """As `fill_from_torch`, for a Flax checkpoint (`save_flax`) keyed by `flax_key` paths."""
   _fill(model, tensors, source, key_fn=flax_key, to_model=lambda path, value: value,
         file_shape=lambda path, shape: shape, dtype=dtype)
@@ -344,8 +344,8 @@ def load_model(folder: str, kind: ModelKind | None = None, *, dtype=jnp.float32,
   model = nnx.eval_shape(lambda: kind.model_cls(config, rngs=nnx.Rngs(0), dtype=dtype,
                                                 **model_kwargs))
   if is_flax_checkpoint(folder):
-    fill_from_checkpoint(model, read_flax_params(folder), os.path.join(folder, FLAX_PARAMS_DIR),
-                   dtype=param_dtype)
+    fill_from_checkpoint(model, read_flax_params(folder),
+                         os.path.join(folder, FLAX_PARAMS_DIR), dtype=param_dtype)
   else:
     files = weights_files(folder, kind, variant)
     tensors = {}

@@ -146,6 +146,23 @@ def test_fp16_file_stays_fp16(tmp_path):
   assert load_vae(src, param_dtype=jnp.float32).decoder.conv_out.kernel.get_value().dtype == jnp.float32
 
 
+def test_weights_variant_is_read(tmp_path, sd_folder):
+  src = os.path.join(sd_folder, "vae")
+  folder = str(tmp_path / "variant")
+  os.makedirs(folder)
+  shutil.copy(os.path.join(src, "config.json"), folder)
+  tensors = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
+  save_file({k: v.astype(np.float16) for k, v in tensors.items()},
+            os.path.join(folder, "diffusion_pytorch_model.fp16.safetensors"))
+  with pytest.raises(WeightsError, match="no weights file"):
+    load_vae(folder)
+  vae = load_vae(folder, variant="fp16")
+  np.testing.assert_array_equal(vae.encoder.conv_in.kernel.get_value(),
+                                convert.to_flax_layout(("kernel",),
+                                                       tensors["encoder.conv_in.weight"]
+                                                       ).astype(np.float16))
+
+
 def test_bin_weights_load_when_torch_is_installed(tmp_path):
   src = str(tmp_path / "bin")
   torch_model = make_component("text_encoder", src)
