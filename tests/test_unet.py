@@ -227,3 +227,13 @@ def test_old_config_gets_diffusers_defaults():
 def test_config_errors_name_the_field(field, value):
   with pytest.raises(ConfigError, match=f"'{field}'"):
     UNetConfig.from_dict(dict(SD15_UNET_CONFIG, **{field: value}), source="unet/config.json")
+
+
+def test_context_lengths_hide_padding_exactly(sd1):
+  """A row padded by one token and given its true length equals the unpadded row, alone."""
+  latents, timesteps, context = sd1.inputs(context_len=77, seed=3)
+  junk = np.random.default_rng(4).standard_normal((2, 1, context.shape[-1]), np.float32)
+  padded = np.concatenate([context, junk], axis=1)  # [2, 78, D]
+  out = sd1.forward(latents, timesteps, padded, np.array([77, 78]))
+  np.testing.assert_allclose(out[:1], sd1.forward(latents, timesteps, context)[:1], atol=1e-6)
+  np.testing.assert_allclose(out[1:], sd1.forward(latents, timesteps, padded)[1:], atol=1e-6)

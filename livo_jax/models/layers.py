@@ -51,11 +51,14 @@ def layer_norm(features: int, eps: float, init: Init) -> nnx.LayerNorm:
 
 
 def multi_head_attention(q, k, v, num_heads: int, *, is_causal: bool = False,
-                         upcast: bool = False, implementation: str | None = None):
+                         kv_lengths=None, upcast: bool = False,
+                         implementation: str | None = None):
   """Scaled dot-product attention over [B, T, D] inputs, through `jax.nn.dot_product_attention`.
 
   Args:
     q: [B, Tq, D]; k, v: [B, Tk, D], with D = num_heads * head_dim.
+    kv_lengths: optional [B] int, how many leading keys each row attends to (the rest are
+      padding, exactly invisible).
     upcast: compute in float32 whatever the input dtype (diffusers' `upcast_attention`).
     implementation: passed to `jax.nn.dot_product_attention` (None lets JAX choose; "cudnn"
       selects the fused flash kernel on GPU).
@@ -67,6 +70,7 @@ def multi_head_attention(q, k, v, num_heads: int, *, is_causal: bool = False,
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   split = lambda x: x.reshape(*x.shape[:2], num_heads, x.shape[-1] // num_heads)
   out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal,
+                                     key_value_seq_lengths=kv_lengths,
                                      implementation=implementation)
   return out.reshape(*out.shape[:2], -1).astype(out_dtype)
 
@@ -94,7 +98,8 @@ class Attention(nnx.Module):
     self.to_v = linear(context_dim, inner, init, bias=qkv_bias)
     self.to_out = nnx.List([linear(inner, query_dim, init)])
 
-  def __call__(self, x, context=None):
+  def __call__(self, x, context=None, context_lengths=None):
+    """x [B, T, C] or [B, H, W, C]; context [B, L, Dc] (default: x); context_lengths [B]."""
     residual = x
     if self.group_norm is not None:
       x = self.group_norm(x)
@@ -103,7 +108,8 @@ class Attention(nnx.Module):
       x = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, H*W, C]
     context = x if context is None else context
     out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
-                               upcast=self.upcast, implementation=self.attention_impl)
+                               kv_lengths=context_lengths, upcast=self.upcast,
+                               implementation=self.attention_impl)
     out = self.to_out[0](out).reshape(spatial_shape)
     return out + residual if self.group_norm is not None else out
 

@@ -206,9 +206,9 @@ class BasicTransformerBlock(nnx.Module):
     self.norm3 = layers.layer_norm(dim, 1e-5, init)
     self.ff = FeedForward(dim, init)
 
-  def __call__(self, x, context):  # x [B, T, D], context [B, L, Dc]
+  def __call__(self, x, context, context_lengths):  # x [B, T, D], context [B, L, Dc]
     x = x + self.attn1(self.norm1(x))
-    x = x + self.attn2(self.norm2(x), context)
+    x = x + self.attn2(self.norm2(x), context, context_lengths)
     return x + self.ff(self.norm3(x))
 
 
@@ -234,12 +234,12 @@ class Transformer2DModel(nnx.Module):
         for _ in range(num_layers)])
     self.proj_out = project(inner, channels)
 
-  def __call__(self, x, context):  # x [B, H, W, C]
+  def __call__(self, x, context, context_lengths):  # x [B, H, W, C]
     b, h, w, _ = x.shape
     tokens = self.proj_in(self.norm(x))
     tokens = tokens.reshape(b, h * w, tokens.shape[-1])
     for block in self.transformer_blocks:
-      tokens = block(tokens, context)
+      tokens = block(tokens, context, context_lengths)
     return self.proj_out(tokens.reshape(b, h, w, -1)) + x
 
 
@@ -267,13 +267,13 @@ class DownBlock(nnx.Module):
         layers.Downsample2D(out_channels, init, padding=config.downsample_padding)
     ]) if add_downsample else None
 
-  def __call__(self, x, temb, context):
+  def __call__(self, x, temb, context, context_lengths):
     """Returns the output and the skip connections it hands to the up path."""
     skips = []
     for i, resnet in enumerate(self.resnets):
       x = resnet(x, temb)
       if self.attentions is not None:
-        x = self.attentions[i](x, context)
+        x = self.attentions[i](x, context, context_lengths)
       skips.append(x)
     if self.downsamplers is not None:
       x = self.downsamplers[0](x)
@@ -292,9 +292,9 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
         Transformer2DModel(channels, heads, transformer_layers, config, init,
                            attention_impl=attention_impl)])
 
-  def __call__(self, x, temb, context):
+  def __call__(self, x, temb, context, context_lengths):
     x = self.resnets[0](x, temb)
-    return self.resnets[1](self.attentions[0](x, context), temb)
+    return self.resnets[1](self.attentions[0](x, context, context_lengths), temb)
 
 
 class UpBlock(nnx.Module):
@@ -319,12 +319,12 @@ class UpBlock(nnx.Module):
     self.upsamplers = (nnx.List([layers.Upsample2D(out_channels, init)])
                        if add_upsample else None)
 
-  def __call__(self, x, skips, temb, context):
+  def __call__(self, x, skips, temb, context, context_lengths):
     """`skips`: this block's skip connections, one per resnet, consumed from the last."""
     for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips))):
       x = resnet(jnp.concatenate([x, skip], axis=-1), temb)
       if self.attentions is not None:
-        x = self.attentions[i](x, context)
+        x = self.attentions[i](x, context, context_lengths)
     if self.upsamplers is not None:
       x = self.upsamplers[0](x)
     return x
@@ -333,7 +333,8 @@ class UpBlock(nnx.Module):
 class UNet2DConditionModel(nnx.Module):
   """The conditional denoising UNet of Stable Diffusion.
 
-  `model(latents [B, H, W, C], timesteps [B], context [B, L, Dc]) -> [B, H, W, C] float32`,
+  `model(latents [B, H, W, C], timesteps [B], context [B, L, Dc], context_lengths=None)
+  -> [B, H, W, C] float32`,
   where H and W are multiples of 2 ** (number of down blocks - 1).
   """
 
@@ -390,13 +391,16 @@ class UNet2DConditionModel(nnx.Module):
                                            init)
     self.conv_out = layers.conv(channels[0], config.out_channels, 3, init)
 
-  def __call__(self, latents, timesteps, context):
+  def __call__(self, latents, timesteps, context, context_lengths=None):
     """Predicts the noise (or v) in `latents`.
 
     Args:
       latents: [B, H, W, C].
       timesteps: [B], int or float; a scalar applies to the whole batch.
       context: [B, L, Dc], the text encoder's hidden states; any length L.
+      context_lengths: optional [B] int: row b attends to its first `context_lengths[b]`
+        context tokens only, so rows of different lengths share one call (the padding is
+        exactly invisible, as if the context were shorter).
     Returns:
       [B, H, W, C] in float32 whatever the compute dtype, for losses and samplers downstream.
     """
@@ -415,14 +419,14 @@ class UNet2DConditionModel(nnx.Module):
     x = self.conv_in(latents)
     skips = [x]
     for block in self.down_blocks:
-      x, block_skips = run(block, x, temb, context)
+      x, block_skips = run(block, x, temb, context, context_lengths)
       skips.extend(block_skips)
 
-    x = run(self.mid_block, x, temb, context)
+    x = run(self.mid_block, x, temb, context, context_lengths)
 
     for block in self.up_blocks:
       n = len(block.resnets)
-      x = run(block, x, tuple(skips[-n:]), temb, context)
+      x = run(block, x, tuple(skips[-n:]), temb, context, context_lengths)
       del skips[-n:]
 
     x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
