@@ -16,6 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import testutil
+from tiny_sd import CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, make_component, make_sd_folder
 from livo_jax import convert
 from livo_jax.errors import ConfigError, WeightsError
 from livo_jax.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
@@ -23,44 +24,6 @@ from livo_jax.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "convert_weights.py")
-
-CLIP_CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                   num_attention_heads=4, max_position_embeddings=12, eos_token_id=2,
-                   bos_token_id=0, pad_token_id=1)
-UNET_CONFIG = dict(block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32,
-                   attention_head_dim=4, norm_num_groups=8, sample_size=8,
-                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-VAE_CONFIG = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                  latent_channels=4, sample_size=16,
-                  down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2)
-
-
-def make_component(kind, folder, *, dtype=torch.float32, safe=True):
-  model = testutil.randomize({
-      "text_encoder": lambda: transformers.CLIPTextModel(
-          transformers.CLIPTextConfig(**CLIP_CONFIG)),
-      "unet": lambda: diffusers.UNet2DConditionModel(**UNET_CONFIG),
-      "vae": lambda: diffusers.AutoencoderKL(**VAE_CONFIG),
-  }[kind](), seed=0).to(dtype)
-  model.save_pretrained(folder, safe_serialization=safe)
-  return model
-
-
-def make_sd_folder(root):
-  for kind in convert.PIPELINE_COMPONENTS:
-    make_component(kind, os.path.join(root, kind))
-  os.makedirs(os.path.join(root, "tokenizer"))
-  with open(os.path.join(root, "tokenizer", "vocab.json"), "w") as f:
-    json.dump({"a</w>": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}, f)
-  with open(os.path.join(root, "tokenizer", "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n")
-  diffusers.DDIMScheduler(beta_schedule="scaled_linear").save_pretrained(
-      os.path.join(root, "scheduler"))
-  with open(os.path.join(root, "model_index.json"), "w") as f:
-    json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}, f)
-
 
 def torch_tensors(folder):
   """Every tensor of a torch component folder, keys normalised to the current layout."""
@@ -181,7 +144,7 @@ def test_clip_keys_with_and_without_prefix_and_old_buffers(tmp_path, sd_folder):
   reference = convert.flax_state_dict(load_clip_text(src))
   prefixed = {("" if k.startswith("text_model.") else "text_model.") + k: v
               for k, v in tensors.items()}
-  prefixed["text_model.embeddings.position_ids"] = np.arange(12)[None]  # old files hold it
+  prefixed["text_model.embeddings.position_ids"] = np.arange(77)[None]  # old files hold it
   folder = str(tmp_path / "prefixed")
   os.makedirs(folder)
   shutil.copy(os.path.join(src, "config.json"), folder)
