@@ -59,7 +59,11 @@ def torch_component(kind: str, seed: int = 0, std: float = 0.1):
 
 
 def make_sd_folder(root: str, seed: int = 0, std: float = 0.1):
-  """Writes a whole diffusers SD folder; returns the torch pipeline."""
+  """Writes a whole diffusers SD folder; returns the torch pipeline read back from it.
+
+  The scheduler config is SD 1.5's file verbatim: which keys it lacks decides the defaults of
+  the samplers made from it (diffusers' `from_config` uses each class's own default for those).
+  """
   write_tokenizer(os.path.join(root, "tokenizer"))
   pipe = diffusers.StableDiffusionPipeline(
       vae=torch_component("vae", seed, std), text_encoder=torch_component("text_encoder", seed, std),
@@ -68,11 +72,14 @@ def make_sd_folder(root: str, seed: int = 0, std: float = 0.1):
       scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER),
       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   pipe.save_pretrained(root)
-  return pipe
+  with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump(SD15_SCHEDULER, f)
+  return diffusers.StableDiffusionPipeline.from_pretrained(root, safety_checker=None)
 
 
-def make_component(kind: str, folder: str, *, dtype=torch.float32):
+def make_component(kind: str, folder: str, *, dtype=torch.float32, seed: int = 0,
+                   std: float = 0.1):
   """Writes one torch component folder; returns the torch model."""
-  model = torch_component(kind).to(dtype)
+  model = torch_component(kind, seed, std).to(dtype)
   model.save_pretrained(folder)
   return model
