@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import diffusers
@@ -23,10 +22,8 @@ import numpy as np
 import torch
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from livo_jax import convert  # pylint: disable=wrong-import-position
-from livo_jax.models import UNet2DConditionModel, UNetConfig  # pylint: disable=wrong-import-position
+from livo_jax import convert
+from livo_jax.models import UNet2DConditionModel, UNetConfig
 
 _SD_BLOCKS = dict(
     down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],

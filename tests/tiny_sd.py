@@ -48,27 +48,30 @@ def write_tokenizer(folder: str) -> None:
     json.dump({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, f)
 
 
-def torch_component(kind: str, seed: int = 0, std: float = 0.1):
-  """A random torch text encoder, UNet or VAE of the tiny SD."""
+def torch_component(kind: str, seed: int = 0, std: float = 0.1, **overrides):
+  """A random torch text encoder, UNet or VAE of the tiny SD (`overrides` change its config)."""
   return testutil.randomize({
       "text_encoder": lambda: transformers.CLIPTextModel(
-          transformers.CLIPTextConfig(**CLIP_CONFIG)),
-      "unet": lambda: diffusers.UNet2DConditionModel(**UNET_CONFIG),
-      "vae": lambda: diffusers.AutoencoderKL(**VAE_CONFIG),
+          transformers.CLIPTextConfig(**{**CLIP_CONFIG, **overrides})),
+      "unet": lambda: diffusers.UNet2DConditionModel(**{**UNET_CONFIG, **overrides}),
+      "vae": lambda: diffusers.AutoencoderKL(**{**VAE_CONFIG, **overrides}),
   }[kind](), seed=seed, std=std)
 
 
-def make_sd_folder(root: str, seed: int = 0, std: float = 0.1):
+def make_sd_folder(root: str, seed: int = 0, std: float = 0.1, *, clip=None, unet=None,
+                   vae=None):
   """Writes a whole diffusers SD folder; returns the torch pipeline read back from it.
 
+  `clip`, `unet`, `vae` override parts of the tiny configs (the benchmarks make bigger ones).
   The scheduler config is SD 1.5's file verbatim: which keys it lacks decides the defaults of
   the samplers made from it (diffusers' `from_config` uses each class's own default for those).
   """
   write_tokenizer(os.path.join(root, "tokenizer"))
   pipe = diffusers.StableDiffusionPipeline(
-      vae=torch_component("vae", seed, std), text_encoder=torch_component("text_encoder", seed, std),
+      vae=torch_component("vae", seed, std, **(vae or {})),
+      text_encoder=torch_component("text_encoder", seed, std, **(clip or {})),
       tokenizer=transformers.CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer")),
-      unet=torch_component("unet", seed, std),
+      unet=torch_component("unet", seed, std, **(unet or {})),
       scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER),
       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   pipe.save_pretrained(root)

@@ -10,14 +10,11 @@ along. `import` then `export` reproduces every tensor bit for bit.
 """
 
 import argparse
-import os
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from livo_jax import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
-from livo_jax.errors import ConfigError, WeightsError  # pylint: disable=wrong-import-position
+from livo_jax import convert
+from livo_jax.errors import ConfigError, WeightsError
 
 
 def inspect(path: str) -> None:
