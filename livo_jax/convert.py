@@ -8,6 +8,8 @@ one rule maps every parameter:
   flax path `a/b/scale`       <-> torch key `a.b.weight`     (LayerNorm / GroupNorm)
   flax path `a/b/embedding`   <-> torch key `a.b.weight`     (Embedding)
   flax path `a/b/bias`        <-> torch key `a.b.bias`
+  flax path `a/b/name`        <-> torch key `a.b.name`     (any other name: a bare parameter,
+                                                              e.g. CLIP's `class_embedding`)
 
 Transposes are exact and dtypes are kept as stored, so conversions are bit-exact both ways.
 
@@ -47,9 +49,9 @@ _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 def torch_key(path: tuple) -> str:
   """The torch state-dict key of a Flax parameter path."""
   *module, leaf = path
-  if leaf not in _WEIGHT_LEAVES + ("bias",):
-    raise ValueError(f"unexpected Flax parameter name {leaf!r} at {flax_key(path)}")
-  return ".".join(map(str, module)) + (".bias" if leaf == "bias" else ".weight")
+  if leaf in _WEIGHT_LEAVES:
+    path = (*module, "weight")
+  return ".".join(map(str, path))  # `bias` and bare parameters keep their names
 
 
 def flax_key(path: tuple) -> str:
@@ -111,7 +113,9 @@ def fill_from_checkpoint(model: nnx.Module, tensors: Mapping[str, np.ndarray], s
 
 def torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """The model's parameters as a torch-layout state dict of numpy arrays (dtypes kept)."""
-  return {torch_key(path): np.ascontiguousarray(to_torch_layout(path, np.asarray(var.get_value())))
+  # `order="C"` rather than `np.ascontiguousarray`, which makes a scalar (`logit_scale`) 1-D.
+  return {torch_key(path): np.asarray(to_torch_layout(path, np.asarray(var.get_value())),
+                                      order="C")
           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -125,7 +129,7 @@ def _mismatch_message(source, missing, unexpected, mis_shaped, limit=8):
   def listing(title, keys):
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return f"\n  {title} ({len(keys)}): " + ", ".join(keys[:limit]) + more
-  parts = [f"{source}: weights do not match the model built from its config.json"]
+  parts = [f"{source}: weights do not match the model"]
   if missing:
     parts.append(listing("missing keys", missing))
   if unexpected:
@@ -136,7 +140,7 @@ def _mismatch_message(source, missing, unexpected, mis_shaped, limit=8):
 
 
 # ---------------------------------------------------------------------------------------------
-# The three model kinds and how their torch folders differ.
+# The model kinds and how their torch folders differ.
 
 @dataclasses.dataclass(frozen=True)
 class ModelKind:
@@ -184,6 +188,13 @@ CLIP_TEXT = ModelKind(
     # transformers 4.x nests the model under `text_model.`; 5.x reads both, so we write it.
     save_prefix="text_model.", strip_prefixes=("text_model.",),
     buffers=("embeddings.position_ids",))
+CLIP = ModelKind(
+    name="clip", module="livo_jax.models.clip", model_class="CLIPModel",
+    config_class="CLIPConfig",
+    weights_name="model", bin_name="pytorch_model",
+    class_tags={"architectures": ["CLIPModel"], "model_type": "clip"},
+    # No prefix to strip: `text_model.` and `vision_model.` name the towers here.
+    buffers=("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"))
 UNET = ModelKind(
     name="unet", module="livo_jax.models.unet", model_class="UNet2DConditionModel",
     config_class="UNetConfig",
@@ -198,7 +209,7 @@ VAE = ModelKind(
     renames=tuple((f".attentions.0.{old}.", f".attentions.0.{new}.") for old, new in
                   (("query", "to_q"), ("key", "to_k"), ("value", "to_v"),
                    ("proj_attn", "to_out.0"))))
-KINDS = {kind.name: kind for kind in (CLIP_TEXT, UNET, VAE)}
+KINDS = {kind.name: kind for kind in (CLIP_TEXT, CLIP, UNET, VAE)}
 
 
 def kind_of_folder(folder: str) -> ModelKind:
@@ -211,9 +222,11 @@ def kind_of_folder(folder: str) -> ModelKind:
   if (raw.get("model_type") == "clip_text_model"
       or "CLIPTextModel" in (raw.get("architectures") or ())):
     return CLIP_TEXT
+  if raw.get("model_type") == "clip" or "CLIPModel" in (raw.get("architectures") or ()):
+    return CLIP
   raise ConfigError(
       f"{os.path.join(folder, CONFIG_NAME)}: cannot tell the model kind (expected `_class_name` "
-      "UNet2DConditionModel/AutoencoderKL, or `model_type` clip_text_model)")
+      "UNet2DConditionModel/AutoencoderKL, or `model_type` clip_text_model/clip)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,9 +268,9 @@ def weights_files(folder: str, kind: ModelKind, variant: str | None = None) -> l
 
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
-  """One safetensors or torch `.bin` file as numpy arrays."""
-  if path.endswith(".bin"):
-    return _read_torch_bin(path)
+  """One safetensors file, or a pickled torch state dict (`.bin`, `.pth`, `.pt`), as numpy."""
+  if path.endswith(_TORCH_PICKLE_SUFFIXES):
+    return _read_torch_pickle(path)
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   try:
     return load_file(path)
@@ -265,7 +278,10 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
     raise WeightsError(f"{path}: unreadable safetensors file: {e}") from None
 
 
-def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+_TORCH_PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
+
+
+def _read_torch_pickle(path: str) -> dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:

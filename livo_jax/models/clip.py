@@ -1,8 +1,15 @@
-"""CLIP text transformer with the semantics of HF transformers' `CLIPTextModel`.
+"""CLIP with the semantics of HF transformers' `CLIPTextModel`, `CLIPVisionModel` and `CLIPModel`.
 
 `CLIPTextModel(config)(input_ids [B, L]) -> (last_hidden_state [B, L, D], pooled [B, D])`:
 token + position embeddings, pre-norm causal transformer layers, final layer norm, and the
 pooled vector taken at the end-of-text token exactly where HF takes it.
+
+`CLIPVisionModel(config)(pixel_values [B, H, W, C]) -> (last_hidden_state [B, 1 + N, D],
+pooled [B, D])`: a class token and N patch embeddings, a layer norm, bidirectional transformer
+layers, and the class token layer-normed as the pooled vector.
+
+`CLIPModel(config)(input_ids, pixel_values) -> logits_per_image [B_img, B_txt]`: both towers,
+their projections into a shared space, and the scaled cosine similarities.
 """
 
 import dataclasses
@@ -13,7 +20,7 @@ from flax import nnx
 
 from livo_jax.errors import ConfigError
 from livo_jax.models import layers
-from livo_jax.models.configs import parse_config
+from livo_jax.models.configs import config_to_dict, parse_config
 
 # `gelu` is the exact erf form in transformers; `gelu_new`/`gelu_pytorch_tanh` the tanh form.
 _ACTIVATIONS = {
@@ -41,6 +48,10 @@ _GENERIC_HF_FIELDS = (
     "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
     "task_specific_params", "problem_type", "use_cache", "gradient_checkpointing",
 )
+# Older releases also wrote the generic token ids (null) into vision configs.
+_VISION_IGNORED = _GENERIC_HF_FIELDS + ("pad_token_id", "bos_token_id", "eos_token_id")
+# At the top of a `CLIPConfig`, `projection_dim` is the real one (the towers' copies are unused).
+_CLIP_IGNORED = tuple(f for f in _GENERIC_HF_FIELDS if f != "projection_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +75,73 @@ class CLIPTextConfig:
     return parse_config(cls, raw, ignored=_GENERIC_HF_FIELDS, source=source)
 
   def validate(self, source: str) -> None:
-    if self.hidden_act not in _ACTIVATIONS:
-      raise ConfigError(f"{source}: field 'hidden_act' = {self.hidden_act!r} is not supported "
-                        f"(supported: {', '.join(_ACTIVATIONS)})")
-    if self.hidden_size % self.num_attention_heads:
-      raise ConfigError(f"{source}: field 'hidden_size' = {self.hidden_size} is not divisible "
-                        f"by 'num_attention_heads' = {self.num_attention_heads}")
+    _validate_transformer(self, source)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+  """The fields of HF `CLIPVisionConfig` that define the vision transformer (HF defaults)."""
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  num_channels: int = 3
+  image_size: int = 224
+  patch_size: int = 32
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+
+  @classmethod
+  def from_dict(cls, raw, source: str = "config.json") -> "CLIPVisionConfig":
+    return parse_config(cls, raw, ignored=_VISION_IGNORED, source=source)
+
+  def validate(self, source: str) -> None:
+    _validate_transformer(self, source)
+    for name in ("image_size", "patch_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int):  # HF types allow [h, w] pairs; its model does not
+        raise ConfigError(f"{source}: field '{name}' = {value!r} is not supported "
+                          "(only a single int is implemented)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """The fields of HF `CLIPConfig`: the two towers and their shared projection (HF defaults)."""
+  text_config: CLIPTextConfig = dataclasses.field(default_factory=CLIPTextConfig)
+  vision_config: CLIPVisionConfig = dataclasses.field(default_factory=CLIPVisionConfig)
+  projection_dim: int = 512
+  # Only initialises `logit_scale` in a fresh model; loaded weights hold the value in use.
+  logit_scale_init_value: float = 2.6592
+
+  @classmethod
+  def from_dict(cls, raw, source: str = "config.json") -> "CLIPConfig":
+    raw = dict(raw)
+    raw["text_config"] = _sub_config(raw, "text_config", CLIPTextConfig, source)
+    raw["vision_config"] = _sub_config(raw, "vision_config", CLIPVisionConfig, source)
+    return parse_config(cls, raw, ignored=_CLIP_IGNORED, source=source)
+
+
+def _sub_config(raw: dict, name: str, config_cls: type, source: str):
+  """Pops `raw[name]` (and its legacy `{name}_dict`) and parses it as `config_cls`.
+
+  Old files (openai/clip-vit-large-patch14) hold both `text_config` and `text_config_dict`.
+  transformers builds a config from the `_dict` alone, defaults included, and lets every one of
+  its fields override the other (so a legacy `eos_token_id: 2` there gives way to the default).
+  """
+  fields = dict(raw.pop(name, None) or {})
+  legacy = raw.pop(f"{name}_dict", None)
+  if legacy is not None:
+    fields.update(config_to_dict(config_cls.from_dict(legacy, source=f"{source} ({name}_dict)")))
+  return config_cls.from_dict(fields, source=f"{source} ({name})")
+
+
+def _validate_transformer(config: CLIPTextConfig | CLIPVisionConfig, source: str) -> None:
+  if config.hidden_act not in _ACTIVATIONS:
+    raise ConfigError(f"{source}: field 'hidden_act' = {config.hidden_act!r} is not supported "
+                      f"(supported: {', '.join(_ACTIVATIONS)})")
+  if config.hidden_size % config.num_attention_heads:
+    raise ConfigError(f"{source}: field 'hidden_size' = {config.hidden_size} is not divisible "
+                      f"by 'num_attention_heads' = {config.num_attention_heads}")
 
 
 class CLIPTextEmbeddings(nnx.Module):
@@ -88,10 +160,12 @@ class CLIPTextEmbeddings(nnx.Module):
 
 class CLIPAttention(nnx.Module):
 
-  def __init__(self, config: CLIPTextConfig, init: layers.Init, attention_impl: str | None):
+  def __init__(self, config: CLIPTextConfig | CLIPVisionConfig, init: layers.Init,
+               attention_impl: str | None, *, is_causal: bool):
     d = config.hidden_size
     self.num_heads = config.num_attention_heads
     self.attention_impl = attention_impl
+    self.is_causal = is_causal
     self.q_proj = layers.linear(d, d, init)
     self.k_proj = layers.linear(d, d, init)
     self.v_proj = layers.linear(d, d, init)
@@ -99,14 +173,14 @@ class CLIPAttention(nnx.Module):
 
   def __call__(self, x):
     out = layers.multi_head_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x),
-                                      self.num_heads, is_causal=True,
+                                      self.num_heads, is_causal=self.is_causal,
                                       implementation=self.attention_impl)
     return self.out_proj(out)
 
 
 class CLIPMLP(nnx.Module):
 
-  def __init__(self, config: CLIPTextConfig, init: layers.Init):
+  def __init__(self, config: CLIPTextConfig | CLIPVisionConfig, init: layers.Init):
     self.activation = _ACTIVATIONS[config.hidden_act]
     self.fc1 = layers.linear(config.hidden_size, config.intermediate_size, init)
     self.fc2 = layers.linear(config.intermediate_size, config.hidden_size, init)
@@ -117,9 +191,10 @@ class CLIPMLP(nnx.Module):
 
 class CLIPEncoderLayer(nnx.Module):
 
-  def __init__(self, config: CLIPTextConfig, init: layers.Init, attention_impl: str | None):
+  def __init__(self, config: CLIPTextConfig | CLIPVisionConfig, init: layers.Init,
+               attention_impl: str | None, *, is_causal: bool):
     self.layer_norm1 = layers.layer_norm(config.hidden_size, config.layer_norm_eps, init)
-    self.self_attn = CLIPAttention(config, init, attention_impl)
+    self.self_attn = CLIPAttention(config, init, attention_impl, is_causal=is_causal)
     self.layer_norm2 = layers.layer_norm(config.hidden_size, config.layer_norm_eps, init)
     self.mlp = CLIPMLP(config, init)
 
@@ -129,10 +204,17 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
+  """The transformer layers: causal in the text tower, bidirectional in the vision tower."""
 
-  def __init__(self, config: CLIPTextConfig, init: layers.Init, attention_impl: str | None):
-    self.layers = nnx.List([CLIPEncoderLayer(config, init, attention_impl)
+  def __init__(self, config: CLIPTextConfig | CLIPVisionConfig, init: layers.Init,
+               attention_impl: str | None, *, is_causal: bool):
+    self.layers = nnx.List([CLIPEncoderLayer(config, init, attention_impl, is_causal=is_causal)
                             for _ in range(config.num_hidden_layers)])
+
+  def __call__(self, x, *, remat: bool):  # [B, T, D] -> [B, T, D]
+    for layer in self.layers:
+      x = layers.call(layer, x, remat=remat)
+    return x
 
 
 class CLIPTextModel(nnx.Module):
@@ -154,15 +236,13 @@ class CLIPTextModel(nnx.Module):
     self.config = config
     self.remat = remat
     self.embeddings = CLIPTextEmbeddings(config, init)
-    self.encoder = CLIPEncoder(config, init, attention_impl)
+    self.encoder = CLIPEncoder(config, init, attention_impl, is_causal=True)
     self.final_layer_norm = layers.layer_norm(config.hidden_size, config.layer_norm_eps, init)
 
   def __call__(self, input_ids):
     """input_ids [B, L] int -> (last_hidden_state [B, L, D], pooled [B, D])."""
     input_ids = jnp.asarray(input_ids)
-    x = self.embeddings(input_ids)
-    for layer in self.encoder.layers:
-      x = layers.call(layer, x, remat=self.remat)
+    x = self.encoder(self.embeddings(input_ids), remat=self.remat)
     x = self.final_layer_norm(x)
     pooled = jnp.take_along_axis(x, self.pool_index(input_ids)[:, None, None], axis=1)[:, 0]
     return x, pooled
@@ -177,3 +257,109 @@ class CLIPTextModel(nnx.Module):
     if self.config.eos_token_id == 2:
       return jnp.argmax(input_ids, axis=-1)
     return jnp.argmax(input_ids == self.config.eos_token_id, axis=-1)
+
+
+class CLIPVisionEmbeddings(nnx.Module):
+
+  def __init__(self, config: CLIPVisionConfig, init: layers.Init):
+    d, p = config.hidden_size, config.patch_size
+    self.image_size = config.image_size
+    self.dtype = init.dtype
+    self.class_embedding = nnx.Param(jax.random.normal(init.rngs.params(), (d,), init.param_dtype))
+    self.patch_embedding = nnx.Conv(config.num_channels, d, (p, p), strides=p, padding="VALID",
+                                    use_bias=False, dtype=init.dtype,
+                                    param_dtype=init.param_dtype, rngs=init.rngs)
+    num_patches = (config.image_size // p) ** 2
+    self.position_embedding = nnx.Embed(num_patches + 1, d, dtype=init.dtype,
+                                        param_dtype=init.param_dtype, rngs=init.rngs)
+
+  def __call__(self, pixel_values):  # [B, H, W, C] -> [B, 1 + N, D]
+    if pixel_values.shape[1:3] != (self.image_size, self.image_size):
+      raise ValueError(f"pixel_values {pixel_values.shape} (NHWC): the model takes "
+                       f"{self.image_size}x{self.image_size} images")
+    patches = self.patch_embedding(pixel_values)  # [B, H/p, W/p, D]
+    # Row-major over the patch grid, the order of torch's flatten of [B, D, H/p, W/p].
+    patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])
+    class_token = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype),
+                                   (patches.shape[0], 1, patches.shape[-1]))
+    x = jnp.concatenate([class_token, patches], axis=1)
+    return x + self.position_embedding(jnp.arange(x.shape[1]))[None]
+
+
+class CLIPVisionModel(nnx.Module):
+  """HF `CLIPVisionModel` in Flax. Parameter paths are HF's keys without `vision_model.`.
+
+  Args: as `CLIPTextModel`'s, with the vision config.
+  """
+
+  def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None):
+    init = layers.Init(rngs, dtype, param_dtype)
+    self.config = config
+    self.remat = remat
+    self.embeddings = CLIPVisionEmbeddings(config, init)
+    # Sic: HF's spelling, which the torch keys carry.
+    self.pre_layrnorm = layers.layer_norm(config.hidden_size, config.layer_norm_eps, init)
+    self.encoder = CLIPEncoder(config, init, attention_impl, is_causal=False)
+    self.post_layernorm = layers.layer_norm(config.hidden_size, config.layer_norm_eps, init)
+
+  def __call__(self, pixel_values):
+    """pixel_values [B, H, W, C] -> (last_hidden_state [B, 1 + N, D], pooled [B, D]).
+
+    The pixels are normalised as CLIP's image processor does (per-channel mean and std).
+    """
+    x = self.pre_layrnorm(self.embeddings(jnp.asarray(pixel_values)))
+    x = self.encoder(x, remat=self.remat)
+    return x, self.post_layernorm(x[:, 0])  # pooled: the class token
+
+
+class CLIPModel(nnx.Module):
+  """HF `CLIPModel` in Flax: both towers, their projections and the logit scale.
+
+  Parameter paths are HF's keys (`text_model.`, `vision_model.`, `visual_projection`,
+  `text_projection`, `logit_scale`).
+
+  Args:
+    config: the CLIP config.
+    rngs: initialisation randomness (weights are normally loaded over it).
+    dtype: compute dtype.
+    param_dtype: storage dtype of freshly initialised parameters.
+    remat: recompute each transformer layer of both towers in the backward pass.
+    attention_impl: `implementation` for `jax.nn.dot_product_attention`.
+  """
+
+  def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None):
+    init = layers.Init(rngs, dtype, param_dtype)
+    tower = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                 attention_impl=attention_impl)
+    self.config = config
+    self.text_model = CLIPTextModel(config.text_config, **tower)
+    self.vision_model = CLIPVisionModel(config.vision_config, **tower)
+    self.visual_projection = layers.linear(config.vision_config.hidden_size,
+                                           config.projection_dim, init, bias=False)
+    self.text_projection = layers.linear(config.text_config.hidden_size, config.projection_dim,
+                                         init, bias=False)
+    self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, param_dtype))
+
+  def get_text_features(self, input_ids):
+    """input_ids [B, L] int -> [B, P]: the pooled text vector projected (not normalised)."""
+    return self.text_projection(self.text_model(input_ids)[1])
+
+  def get_image_features(self, pixel_values):
+    """pixel_values [B, H, W, C] normalised -> [B, P]: the pooled image vector projected."""
+    return self.visual_projection(self.vision_model(pixel_values)[1])
+
+  def __call__(self, input_ids, pixel_values):
+    """-> logits_per_image [B_img, B_txt]: exp(logit_scale) times the cosine similarities.
+
+    The similarities are taken in float32 whatever the compute dtype: scaled by about 100, they
+    are the scores that evaluation reads.
+    """
+    image = _unit(self.get_image_features(pixel_values).astype(jnp.float32))
+    text = _unit(self.get_text_features(input_ids).astype(jnp.float32))
+    return jnp.exp(self.logit_scale[...].astype(jnp.float32)) * image @ text.T
+
+
+def _unit(x):
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)

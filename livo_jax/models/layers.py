@@ -4,8 +4,9 @@ Conventions that the weight converter (`livo_jax.convert`) relies on:
 - Attribute names mirror the PyTorch module names of diffusers/transformers, and sub-module
   sequences are `nnx.List`s, so that a Flax state path such as
   `down_blocks/0/resnets/1/conv1/kernel` is the torch key `down_blocks.0.resnets.1.conv1.weight`.
-- Parameters are only `kernel` (Linear [in, out], Conv [kh, kw, in, out]), `bias`, `scale`
-  (norms) and `embedding`. Nothing else holds state.
+- Parameters are `kernel` (Linear [in, out], Conv [kh, kw, in, out]), `scale` (norms) and
+  `embedding`, which take torch's `weight`, and `bias` and bare parameters (CLIP's
+  `class_embedding`, `logit_scale`), which keep their names.
 - Activations are NHWC; `dtype` is the compute dtype, `param_dtype` the storage dtype.
 """
 
