@@ -1,5 +1,10 @@
 """Helpers shared by the tests: tiny torch reference models and layout conversions."""
 
+import importlib
+import importlib.util
+import sys
+import types
+
 import jax
 import numpy as np
 import torch
@@ -51,3 +56,22 @@ def jitted(model: nnx.Module, method: str = "__call__"):
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda state, *args: getattr(nnx.merge(graphdef, state), method)(*args))
   return lambda *args: fn(state, *args)
+
+
+def register_torch_fidelity() -> bool:
+  """Makes torch-fidelity's modules importable without its package `__init__`.
+
+  torch-fidelity (our InceptionV3 reference, and imported by torchmetrics whenever it is
+  installed) imports torchvision in its `__init__`, which does not import beside this torch. Its
+  InceptionV3 modules need only torch, so an empty package stands in for it. Returns whether
+  torch-fidelity is installed (requirements-dev-nodeps.txt).
+  """
+  if "torch_fidelity" in sys.modules:
+    return True
+  spec = importlib.util.find_spec("torch_fidelity")
+  if spec is None:
+    return False
+  package = types.ModuleType("torch_fidelity")
+  package.__path__ = list(spec.submodule_search_locations)
+  sys.modules["torch_fidelity"] = package
+  return True
