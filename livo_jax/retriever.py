@@ -345,15 +345,16 @@ class LLMClient:
 
   def ask(self, prompt: str) -> str:
     """The model's answer for `prompt`, as `parse_answer` returns it; `LLMError` on failure."""
-    body = json.dumps({"model": self.model, "messages": self.messages(prompt),
-                       "temperature": 0}).encode("utf-8")
+    return parse_answer(_reply_content(self.post_json(
+        {"model": self.model, "messages": self.messages(prompt), "temperature": 0})))
+
+  def post_json(self, body: dict) -> bytes:
+    """POSTs `body` to the endpoint; the raw response, or `LLMError` with a short cause."""
     headers = {"Content-Type": "application/json"}
     if self.api_key:
       headers["Authorization"] = f"Bearer {self.api_key}"
-    request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-    return parse_answer(_reply_content(self._post(request)))
-
-  def _post(self, request: urllib.request.Request) -> bytes:
+    request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode("utf-8"),
+                                     headers=headers, method="POST")
     try:
       with urllib.request.urlopen(request, timeout=self.timeout) as response:
         return response.read()
