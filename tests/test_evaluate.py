@@ -1,0 +1,148 @@
+"""The CLIP judges against transformers, and scripts/evaluate.py end to end on tiny models."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+import testutil
+import tiny_sd
+from livo_jax.eval import evaluate, judges
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CLIP = dict(
+    text_config=dict(vocab_size=len(tiny_sd.VOCAB), hidden_size=32, intermediate_size=48,
+                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                     eos_token_id=2, bos_token_id=0, pad_token_id=1),
+    vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, image_size=32, patch_size=8),
+    projection_dim=16)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  root = tmp_path_factory.mktemp("evaluate")
+  sd = str(root / "sd")
+  tiny_sd.make_sd_folder(sd)
+  value_encoder = str(root / "value_encoder")
+  tiny_sd.make_component("text_encoder", value_encoder, seed=1, std=0.3)
+  clip = str(root / "clip")
+  torch_clip = testutil.randomize(
+      transformers.CLIPModel(transformers.CLIPConfig(**TINY_CLIP)), seed=2, std=0.2)
+  torch_clip.save_pretrained(clip)
+  tiny_sd.write_tokenizer(clip)
+  return {"root": root, "sd": sd, "value_encoder": value_encoder, "clip": clip,
+          "torch_clip": torch_clip}
+
+
+def random_images(n, size=24, seed=0):
+  return list(np.random.default_rng(seed).integers(0, 256, (n, size, size + 8, 3), np.uint8))
+
+
+def test_clip_pixels_match_transformers_processor():
+  images = random_images(3)
+  processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32},
+                                              crop_size={"height": 32, "width": 32})
+  reference = processor(images=images, return_tensors="np")["pixel_values"]
+  ours = judges.clip_pixels(images, 32)
+  assert testutil.max_abs_err(ours, testutil.nchw_to_nhwc(reference)) <= 1e-5
+
+
+def test_attribute_counts_match_torch_clip(folders):
+  images = random_images(6, seed=1)
+  prompt = "a photo of a doctor"
+  judge = judges.CLIPJudge(folders["clip"])
+  texts = [f"{prompt}, {a}" for a in judges.ATTRIBUTES["race"]]
+  tokens = torch.from_numpy(judge.tokenizer(texts, padding="max_length", max_length=77,
+                                            return_tensors="np").input_ids)
+  pixels = torch.from_numpy(testutil.nhwc_to_nchw(judges.clip_pixels(images, 32)))
+  with torch.no_grad():
+    reference = folders["torch_clip"](input_ids=tokens, pixel_values=pixels)
+  probs = judge.probabilities(images, texts)
+  assert testutil.max_abs_err(probs, reference.logits_per_image.softmax(-1)) <= 1e-5
+  expected = np.bincount(reference.logits_per_image.argmax(-1).numpy(), minlength=5)
+  np.testing.assert_array_equal(judge.attribute_counts(images, prompt, "race"), expected)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"prompt": "a doctor"}\nnot json\n', ":2: not JSON"),
+    ('{"text": "a doctor"}\n', ":1: needs a string field 'prompt'"),
+    ("\n", "no prompts")])
+def test_bad_prompt_files_name_the_line(tmp_path, content, message):
+  path = tmp_path / "prompts.jsonl"
+  path.write_text(content)
+  with pytest.raises(ValueError, match=message):
+    evaluate.read_prompts(str(path))
+
+
+def run_evaluate(folders, out, *extra):
+  return subprocess.run(
+      [sys.executable, "scripts/evaluate.py", f"--prompts={folders['prompts']}",
+       f"--model={folders['sd']}", f"--value_encoder={folders['value_encoder']}",
+       f"--clip={folders['clip']}", f"--out={out}", "--images_per_prompt=4", "--steps=2",
+       "--batch_size=4", *extra],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_evaluate_bias_end_to_end_and_resume(folders, tmp_path):
+  folders["prompts"] = str(tmp_path / "career.jsonl")
+  with open(folders["prompts"], "w") as f:
+    for prompt in ("a photo of a doctor", "a photo of a nurse"):
+      f.write(json.dumps({"prompt": prompt}) + "\n")
+  out = tmp_path / "out"
+  result = run_evaluate(folders, out, "--task=bias", "--attribute=gender")
+  assert result.returncode == 0, result.stderr
+  summary = json.loads((out / "results" / "summary.json").read_text())
+  assert set(summary) == {"base", "livo"}
+  for variant in ("base", "livo"):
+    rows = [json.loads(line) for line in
+            (out / "results" / f"{variant}_bias.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a photo of a doctor", "a photo of a nurse"]
+    for row in rows:
+      counts = list(row["counts"].values())
+      assert sum(counts) == 4
+      assert row["d1"] == pytest.approx((max(counts) - min(counts)) / 4)
+    assert summary[variant]["d1"] == pytest.approx(np.mean([r["d1"] for r in rows]))
+  assert all(r["value"] == "gender equality" for r in
+             map(json.loads, (out / "results" / "livo_bias.jsonl").read_text().splitlines()))
+  report = (out / "report.md").read_text()
+  assert "| d1 (lower is better) |" in report and "grids/livo_0000.png" in report
+  assert (out / "grids" / "livo_0000.png").exists()
+  # Image i of a prompt starts from the same noise in both variants; LiVO's image 0 uses the
+  # value token (first half), its image 3 does not and so is plain SD (to float rounding).
+  pixels = lambda variant, i: np.asarray(
+      Image.open(out / "images" / variant / "0000" / f"{i:02d}.png"), int)
+  assert np.abs(pixels("base", 3) - pixels("livo", 3)).max() <= 1
+  assert np.abs(pixels("base", 0) - pixels("livo", 0)).mean() > 0.1
+
+  stamps = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+  assert len(stamps) == 16
+  again = run_evaluate(folders, out, "--task=bias", "--attribute=gender")
+  assert again.returncode == 0, again.stderr
+  assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == stamps
+
+
+def test_evaluate_toxicity_from_existing_images(folders, tmp_path):
+  prompts = tmp_path / "bloody.jsonl"
+  prompts.write_text(json.dumps({"prompt": "a bloody knife"}) + "\n")
+  images = tmp_path / "given"
+  for i, image in enumerate(random_images(4, seed=3)):
+    (images / "0000").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(images / "0000" / f"{i:02d}.png")
+  out = tmp_path / "out"
+  result = subprocess.run(
+      [sys.executable, "scripts/evaluate.py", "--task=toxicity", "--kind=bloody",
+       f"--prompts={prompts}", f"--clip={folders['clip']}", f"--images_base={images}",
+       f"--out={out}", "--images_per_prompt=4"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  row = json.loads((out / "results" / "base_toxicity.jsonl").read_text())
+  assert len(row["toxic"]) == 4
+  assert row["toxicity_ratio"] == pytest.approx(sum(row["toxic"]) / 4)
+  assert not (out / "images").exists()  # nothing generated
