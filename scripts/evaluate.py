@@ -45,6 +45,8 @@ _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", None, "evaluate only the firs
 _VLM_URL = flags.DEFINE_string("vlm_url", None, "OpenAI-compatible VLM endpoint (toxicity)")
 _VLM_MODEL = flags.DEFINE_string("vlm_model", "llava-1.5-7b", "model name at the endpoint")
 _VLM_API_KEY = flags.DEFINE_string("vlm_api_key", None, "API key for the endpoint")
+_LLAVA = flags.DEFINE_string("llava", None, "local transformers LLaVA folder as the toxicity "
+                             "judge (needs torch)")
 _INCEPTION = flags.DEFINE_string("inception", None,
                                  "FID Inception weights (pt_inception-2015-12-05-*.pth or "
                                  ".safetensors): adds Inception Score and FID")
@@ -63,7 +65,7 @@ def main(argv):
       guidance=_GUIDANCE.value, batch_size=_BATCH.value, height=_HEIGHT.value,
       width=_WIDTH.value, dtype=_DTYPE.value, max_prompts=_MAX_PROMPTS.value,
       vlm_url=_VLM_URL.value, vlm_model=_VLM_MODEL.value, vlm_api_key=_VLM_API_KEY.value,
-      inception=_INCEPTION.value))
+      llava=_LLAVA.value, inception=_INCEPTION.value))
   for variant, values in summary.items():
     print(variant + ": " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
   print(f"report: {_OUT.value}/report.md")

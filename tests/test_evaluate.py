@@ -146,3 +146,25 @@ def test_evaluate_toxicity_from_existing_images(folders, tmp_path):
   assert len(row["toxic"]) == 4
   assert row["toxicity_ratio"] == pytest.approx(sum(row["toxic"]) / 4)
   assert not (out / "images").exists()  # nothing generated
+
+
+def test_evaluate_toxicity_with_a_local_llava(folders, tmp_path):
+  from test_llava_judge import tiny_llava  # pylint: disable=g-import-not-at-top
+  from livo_jax.eval.llava import LlavaJudge  # pylint: disable=g-import-not-at-top
+  llava = str(tmp_path / "llava")
+  tiny_llava(llava)
+  prompts = tmp_path / "nudity.jsonl"
+  prompts.write_text(json.dumps({"prompt": "a person on a beach"}) + "\n")
+  images = random_images(3, seed=4)
+  for i, image in enumerate(images):
+    (tmp_path / "given" / "0000").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(tmp_path / "given" / "0000" / f"{i:02d}.png")
+  summary = evaluate.evaluate(evaluate.EvalConfig(
+      task="toxicity", kind="nudity", prompts=str(prompts), out=str(tmp_path / "out"),
+      clip=folders["clip"], images={"base": str(tmp_path / "given")}, images_per_prompt=3,
+      llava=llava))
+  expected = [j.toxic for j in LlavaJudge(llava).judge_many(images, "nudity", progress=False)]
+  row = json.loads((tmp_path / "out" / "results" / "base_toxicity.jsonl").read_text())
+  assert row["toxic"] == expected
+  assert summary["base"]["toxicity_ratio"] == pytest.approx(sum(expected) / 3)
+  assert "LLaVA" in (tmp_path / "out" / "report.md").read_text()

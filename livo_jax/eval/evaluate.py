@@ -60,6 +60,7 @@ class EvalConfig:
   vlm_url: str | None = None             # toxicity: judge with a VLM endpoint instead of CLIP
   vlm_model: str = "llava-1.5-7b"
   vlm_api_key: str | None = None
+  llava: str | None = None               # toxicity: judge with a local LLaVA folder (torch)
   inception: str | None = None           # FID Inception weights: adds IS and FID
 
 
@@ -156,10 +157,16 @@ def evaluate(config: EvalConfig) -> dict[str, dict[str, float]]:
         generate_missing(config, sd, records, variant, folders[variant])
 
   judge = judges.CLIPJudge(config.clip)
-  vlm = None
+  vlm, vlm_name = None, None
+  if config.task == "toxicity" and config.vlm_url and config.llava:
+    raise ValueError("give one VLM judge: an endpoint (vlm_url) or a LLaVA folder (llava)")
   if config.task == "toxicity" and config.vlm_url:
     from livo_jax.eval.vlm import VLMJudge  # pylint: disable=g-import-not-at-top
     vlm = VLMJudge(config.vlm_url, config.vlm_model, api_key=config.vlm_api_key)
+    vlm_name = f"VLM {config.vlm_model} at {config.vlm_url}"
+  elif config.task == "toxicity" and config.llava:
+    from livo_jax.eval.llava import LlavaJudge  # pylint: disable=g-import-not-at-top
+    vlm, vlm_name = LlavaJudge(config.llava), f"LLaVA {config.llava}"
   inception = None
   if config.inception:
     from livo_jax.models.inception import load_fid_inception  # pylint: disable=g-import-not-at-top
@@ -214,7 +221,7 @@ def evaluate(config: EvalConfig) -> dict[str, dict[str, float]]:
   settings = {"task": config.task, "prompts": f"{config.prompts} ({len(records)} prompts)",
               "images per prompt": config.images_per_prompt, "seed": config.seed,
               "sampler": f"DPM-Solver++ {config.steps} steps, guidance {config.guidance}",
-              "judge": ("VLM " + config.vlm_model if vlm else "CLIP zero-shot") + f" ({config.clip})"}
+              "judge": vlm_name or f"CLIP zero-shot ({config.clip})"}
   settings.update({"attribute": config.attribute} if config.task == "bias"
                   else {"kind": config.kind})
   report.write_report(

@@ -40,6 +40,11 @@ TOP_LOGPROBS = 5
 # Some servers return raw vocabulary tokens, with the word-start marker of SentencePiece
 # (LLaVA's Llama tokenizer) or of byte-level BPE in place of the leading space.
 _WORD_START_MARKERS = "\u2581\u0120"
+
+
+def answer_word(token: str) -> str:
+  """A token's word, for matching yes/no answers: no spaces, word-start markers or case."""
+  return token.strip().lstrip(_WORD_START_MARKERS).lower()
 # The answer text: "yes" or "no" as its first word, after any quotes or punctuation.
 _ANSWER_PATTERN = re.compile(r"\W*(yes|no)\b", re.IGNORECASE)
 
@@ -83,7 +88,7 @@ def _p_yes(logprobs) -> float | None:
   probs = {"yes": 0.0, "no": 0.0}
   try:
     for entry in logprobs["content"][0].get("top_logprobs") or []:
-      word = entry["token"].strip().lstrip(_WORD_START_MARKERS).lower()
+      word = answer_word(entry["token"])
       if word in probs:
         probs[word] += math.exp(entry["logprob"])
   except (KeyError, IndexError, TypeError, AttributeError) as e:
