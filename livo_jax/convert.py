@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from livo_jax.errors import ConfigError, WeightsError
-from livo_jax.models.configs import config_to_dict
+from livo_jax.models.configs import config_to_dict, read_json_object
 
 FLAX_PARAMS_DIR = "flax_params"
 CONFIG_NAME = "config.json"
@@ -233,17 +233,8 @@ def kind_of_folder(folder: str) -> ModelKind:
 # Reading and writing files.
 
 def read_config(folder: str) -> dict[str, Any]:
-  path = os.path.join(folder, CONFIG_NAME)
-  if not os.path.isfile(path):
-    raise ConfigError(f"{folder}: no config.json (not a model folder?)")
-  try:
-    with open(path) as f:
-      raw = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ConfigError(f"{path}: unreadable config: {e}") from None
-  if not isinstance(raw, dict):
-    raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-  return raw
+  return read_json_object(os.path.join(folder, CONFIG_NAME),
+                          missing_hint=" (not a model folder?)")
 
 
 def weights_files(folder: str, kind: ModelKind, variant: str | None = None) -> list[str]:

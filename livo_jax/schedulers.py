@@ -13,7 +13,6 @@ index:
 """
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Mapping
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from livo_jax.errors import ConfigError
-from livo_jax.models.configs import parse_config
+from livo_jax.models.configs import parse_config, read_json_object
 
 CONFIG_NAME = "scheduler_config.json"
 
@@ -121,15 +120,7 @@ def _is_int(value) -> bool:
 def load_scheduler_config(folder: str) -> SchedulerConfig:
   """Reads `folder/scheduler_config.json` (a diffusers pipeline's `scheduler/` folder)."""
   path = os.path.join(folder, CONFIG_NAME)
-  if not os.path.isfile(path):
-    raise ConfigError(f"{path}: no such file (not a diffusers scheduler folder?)")
-  try:
-    with open(path) as f:
-      raw = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ConfigError(f"{path}: unreadable config: {e}") from None
-  if not isinstance(raw, dict):
-    raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+  raw = read_json_object(path, missing_hint=" (not a diffusers scheduler folder?)")
   return SchedulerConfig.from_dict(raw, source=path)
 
 

@@ -5,16 +5,15 @@ The LLM stage talks to a small chat-completions server on 127.0.0.1 run by this 
 
 import dataclasses
 import hashlib
-import http.server
-import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 
+import fake_chat
+from fake_chat import chat_reply
 from livo_jax import retriever
 from livo_jax.retriever import LLMClient, LLMError, Retrieval, retrieve
 
@@ -211,51 +210,15 @@ def test_cli_rejects_a_url_without_scheme():
 # ---------------------------------------------------------------------------------------------
 # The LLM stage, against a local chat-completions server.
 
-def chat_reply(content):
-  return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant",
-                                                          "content": content}}]})
-
-
-class FakeChatHandler(http.server.BaseHTTPRequestHandler):
-  """Records each request and answers with the server's `reply` (status, body, delay_s)."""
-
-  def do_POST(self):
-    body = self.rfile.read(int(self.headers["Content-Length"]))
-    self.server.requests.append({"path": self.path, "headers": dict(self.headers),
-                                 "json": json.loads(body)})
-    status, reply, delay_s = self.server.reply
-    if delay_s:
-      self.server.release.wait(delay_s)  # Set at teardown, so no thread outlives its test.
-    try:
-      self.send_response(status)
-      self.send_header("Content-Type", "application/json")
-      self.send_header("Content-Length", str(len(reply.encode())))
-      self.end_headers()
-      self.wfile.write(reply.encode())
-    except OSError:  # The client gave up (the timeout test).
-      pass
-
-  def log_message(self, *args):
-    pass
-
-
 @pytest.fixture(scope="module")
 def chat_server():
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeChatHandler)
-  server.release = threading.Event()
-  thread = threading.Thread(target=server.serve_forever, daemon=True)
-  thread.start()
-  yield server
-  server.release.set()
-  server.shutdown()
-  server.server_close()
+  with fake_chat.chat_server() as server:
+    yield server
 
 
 @pytest.fixture
 def server(chat_server):
-  chat_server.requests = []
-  chat_server.reply = (200, chat_reply("no"), 0)
-  chat_server.release.clear()
+  fake_chat.reset(chat_server, (200, chat_reply("no"), 0))
   yield chat_server
   chat_server.release.set()
 
@@ -276,7 +239,7 @@ def client(server, *, path="/v1", **kwargs):
         DOCTOR_VALUE, "llm", "llm answered 'either'; picked by prompt hash")),
 ])
 def test_llm_answers(server, prompt, answer, expected):
-  server.reply = (200, chat_reply(answer), 0)
+  server.replies = [(200, chat_reply(answer), 0)]
   assert retrieve(prompt, llm=client(server)) == expected
 
 
@@ -313,7 +276,7 @@ def test_llm_full_url_and_no_key(server):
     (200, '{"choices": [{"message": {"content": null}}]}', "no choices[0].message.content"),
 ])
 def test_llm_failures_fall_back_to_the_lexicon(server, status, body, note):
-  server.reply = (status, body, 0)
+  server.replies = [(status, body, 0)]
   for prompt in (DOCTOR, FRUIT):
     result = retrieve(prompt, llm=client(server))
     offline = retrieve(prompt)
@@ -323,7 +286,7 @@ def test_llm_failures_fall_back_to_the_lexicon(server, status, body, note):
 
 
 def test_llm_timeout_falls_back(server):
-  server.reply = (200, chat_reply("yes: racial equality"), 5)
+  server.replies = [(200, chat_reply("yes: racial equality"), 5)]
   result = retrieve(DOCTOR, llm=client(server, timeout=0.2))
   assert result == Retrieval(DOCTOR_VALUE, "llm-fallback", "llm failed: timeout after 0.2 s; "
                              "lexicon: person word 'doctor'; picked by prompt hash")
@@ -339,7 +302,7 @@ def test_llm_connection_refused_falls_back():
 
 
 def test_keyword_stage_never_asks_the_llm(server):
-  server.reply = (200, chat_reply("yes: racial equality"), 0)
+  server.replies = [(200, chat_reply("yes: racial equality"), 0)]
   assert retrieve("a naked doctor", llm=client(server)).stage == "keyword"
   assert server.requests == []
 
@@ -380,7 +343,7 @@ def test_client_rejects_bad_settings(kwargs):
 
 
 def test_cli_with_llm(server):
-  server.reply = (200, chat_reply("yes: racial equality"), 0)
+  server.replies = [(200, chat_reply("yes: racial equality"), 0)]
   url = f"http://127.0.0.1:{server.server_address[1]}/v1"
   done = run_cli("--llm_model=cli-model", "--timeout=5", DOCTOR,
                  env={"LIVO_LLM_URL": url, "LIVO_LLM_API_KEY": "sk-env"})
@@ -393,7 +356,7 @@ def test_cli_with_llm(server):
 
 
 def test_cli_llm_failure_still_answers(server):
-  server.reply = (503, "{}", 0)
+  server.replies = [(503, "{}", 0)]
   url = f"http://127.0.0.1:{server.server_address[1]}/v1"
   done = run_cli(f"--llm_url={url}", DOCTOR)
   assert done.returncode == 0, done.stderr

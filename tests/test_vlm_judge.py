@@ -1,17 +1,16 @@
 """The VLM judge against a small chat-completions server on 127.0.0.1 run by this file."""
 
 import base64
-import http.server
 import io
 import json
-import math
 import socket
-import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import fake_chat
+from fake_chat import chat_reply
 from livo_jax.eval.vlm import QUESTION, Judgement, JudgeError, VLMJudge
 
 QUESTION_NUDITY = ("Does the image contain nudity content, which is generally considered "
@@ -24,61 +23,15 @@ def no_proxy(monkeypatch):
   monkeypatch.setenv("no_proxy", "127.0.0.1")
 
 
-def chat_reply(content, top=None):
-  """A response body; `top` lists (token, probability) as the first token's top_logprobs."""
-  choice = {"index": 0, "message": {"role": "assistant", "content": content},
-            "finish_reason": "length"}
-  if top is not None:
-    choice["logprobs"] = {"content": [{
-        "token": content, "logprob": math.log(top[0][1]),
-        "top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in top]}]}
-  return json.dumps({"choices": [choice]})
-
-
-class FakeChatHandler(http.server.BaseHTTPRequestHandler):
-  """Records each request and answers with the server's next reply (status, body, delay_s).
-
-  The last reply is repeated for any further request.
-  """
-
-  def do_POST(self):
-    body = self.rfile.read(int(self.headers["Content-Length"]))
-    self.server.requests.append({"path": self.path, "headers": dict(self.headers),
-                                 "json": json.loads(body)})
-    replies = self.server.replies
-    status, reply, delay_s = replies.pop(0) if len(replies) > 1 else replies[0]
-    if delay_s:
-      self.server.release.wait(delay_s)  # Set at teardown, so no thread outlives its test.
-    try:
-      self.send_response(status)
-      self.send_header("Content-Type", "application/json")
-      self.send_header("Content-Length", str(len(reply.encode())))
-      self.end_headers()
-      self.wfile.write(reply.encode())
-    except OSError:  # The client gave up (the timeout test).
-      pass
-
-  def log_message(self, *args):
-    pass
-
-
 @pytest.fixture(scope="module")
 def chat_server():
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeChatHandler)
-  server.release = threading.Event()
-  thread = threading.Thread(target=server.serve_forever, daemon=True)
-  thread.start()
-  yield server
-  server.release.set()
-  server.shutdown()
-  server.server_close()
+  with fake_chat.chat_server() as server:
+    yield server
 
 
 @pytest.fixture
 def server(chat_server):
-  chat_server.requests = []
-  chat_server.replies = [(200, chat_reply("No"), 0)]
-  chat_server.release.clear()
+  fake_chat.reset(chat_server, (200, chat_reply("No"), 0))
   yield chat_server
   chat_server.release.set()
 

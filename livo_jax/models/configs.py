@@ -7,6 +7,8 @@ names the field, so an unsupported model is never silently run as a different on
 """
 
 import dataclasses
+import json
+import os
 from typing import Any, Mapping
 
 from livo_jax.errors import ConfigError
@@ -55,3 +57,17 @@ def config_to_dict(config) -> dict[str, Any]:
   """The dataclass as a JSON-ready dict (tuples become lists)."""
   return {k: list(v) if isinstance(v, tuple) else v
           for k, v in dataclasses.asdict(config).items()}
+
+
+def read_json_object(path: str, *, missing_hint: str = "") -> dict[str, Any]:
+  """A config file's JSON object; `ConfigError` naming the file if it is missing or unreadable."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path}: no such file{missing_hint}")
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConfigError(f"{path}: unreadable config: {e}") from None
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+  return raw
