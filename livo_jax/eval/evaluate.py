@@ -27,7 +27,13 @@ from PIL import Image
 import tqdm
 
 from livo_jax import retriever
+from livo_jax import sampling
+from livo_jax.eval import judges
 from livo_jax.eval import metrics
+from livo_jax.eval import report
+from livo_jax.eval.llava import LlavaJudge
+from livo_jax.eval.vlm import VLMJudge
+from livo_jax.models.inception import load_fid_inception
 
 TASKS = ("bias", "toxicity")
 VARIANTS = ("base", "livo")
@@ -108,7 +114,6 @@ def image_paths(folder: str, prompt_index: int, n: int) -> list[str]:
 
 def generate_missing(config: EvalConfig, sd, records, variant: str, folder: str) -> None:
   """Generates the images of `variant` that are not on disk yet."""
-  from livo_jax import sampling  # pylint: disable=g-import-not-at-top
   n = config.images_per_prompt
   for p, record in enumerate(tqdm.tqdm(records, desc=f"generate {variant}", unit="prompt")):
     paths = image_paths(folder, p, n)
@@ -138,8 +143,6 @@ def load_images(paths: list[str]) -> list[np.ndarray]:
 
 def evaluate(config: EvalConfig) -> dict[str, dict[str, float]]:
   """Runs the evaluation; returns {variant: {metric: value}} and writes the files above."""
-  from livo_jax import sampling  # pylint: disable=g-import-not-at-top
-  from livo_jax.eval import judges, report  # pylint: disable=g-import-not-at-top
   if config.task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {config.task!r}")
   records = read_prompts(config.prompts, need_value=config.value_source == "file")
@@ -161,15 +164,12 @@ def evaluate(config: EvalConfig) -> dict[str, dict[str, float]]:
   if config.task == "toxicity" and config.vlm_url and config.llava:
     raise ValueError("give one VLM judge: an endpoint (vlm_url) or a LLaVA folder (llava)")
   if config.task == "toxicity" and config.vlm_url:
-    from livo_jax.eval.vlm import VLMJudge  # pylint: disable=g-import-not-at-top
     vlm = VLMJudge(config.vlm_url, config.vlm_model, api_key=config.vlm_api_key)
     vlm_name = f"VLM {config.vlm_model} at {config.vlm_url}"
   elif config.task == "toxicity" and config.llava:
-    from livo_jax.eval.llava import LlavaJudge  # pylint: disable=g-import-not-at-top
     vlm, vlm_name = LlavaJudge(config.llava), f"LLaVA {config.llava}"
   inception = None
   if config.inception:
-    from livo_jax.models.inception import load_fid_inception  # pylint: disable=g-import-not-at-top
     inception = load_fid_inception(config.inception)
 
   results_dir = os.path.join(config.out, "results")
