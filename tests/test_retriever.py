@@ -210,12 +210,6 @@ def test_cli_rejects_a_url_without_scheme():
 # ---------------------------------------------------------------------------------------------
 # The LLM stage, against a local chat-completions server.
 
-@pytest.fixture(scope="module")
-def chat_server():
-  with fake_chat.chat_server() as server:
-    yield server
-
-
 @pytest.fixture
 def server(chat_server):
   fake_chat.reset(chat_server, (200, chat_reply("no"), 0))

@@ -23,12 +23,6 @@ def no_proxy(monkeypatch):
   monkeypatch.setenv("no_proxy", "127.0.0.1")
 
 
-@pytest.fixture(scope="module")
-def chat_server():
-  with fake_chat.chat_server() as server:
-    yield server
-
-
 @pytest.fixture
 def server(chat_server):
   fake_chat.reset(chat_server, (200, chat_reply("No"), 0))
