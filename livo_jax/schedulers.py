@@ -217,21 +217,31 @@ def _at(table: np.ndarray, i):
   return jnp.asarray(table)[i]
 
 
-class DDIM:
-  """Deterministic DDIM (eta = 0), as diffusers' `DDIMScheduler.step`.
+class _Sampler:
+  """What both samplers share: the checked timesteps (from the subclass's `_timesteps(n)`).
 
   Attributes:
     timesteps: [num_inference_steps] int64, the UNet's timestep at each step (descending).
+    timestep_spacing: the spacing used (the config's, else the diffusers class's default).
     init_noise_sigma: the standard deviation of the initial latent noise.
   """
   init_noise_sigma = 1.0
+  default_spacing: str
 
   def __init__(self, config: SchedulerConfig, num_inference_steps: int):
     _check_num_steps(config, num_inference_steps)
     self.config = config
-    self.timestep_spacing = config.timestep_spacing or "leading"  # DDIMScheduler's default
+    self.timestep_spacing = config.timestep_spacing or self.default_spacing
     self.timesteps = self._timesteps(num_inference_steps)
     _check_timesteps(self.timesteps, self.timestep_spacing, config, num_inference_steps)
+
+
+class DDIM(_Sampler):
+  """Deterministic DDIM (eta = 0), as diffusers' `DDIMScheduler.step`."""
+  default_spacing = "leading"  # DDIMScheduler's default
+
+  def __init__(self, config: SchedulerConfig, num_inference_steps: int):
+    super().__init__(config, num_inference_steps)
     acp = alphas_cumprod(config)
     # diffusers steps back by T // N whatever the spacing (not to the next timestep).
     prev = self.timesteps - config.num_train_timesteps // num_inference_steps
@@ -274,27 +284,18 @@ class DDIM:
     return prev.astype(sample.dtype), state
 
 
-class DPMSolverMultistep:
+class DPMSolverMultistep(_Sampler):
   """DPM-Solver++(2M), as diffusers' `DPMSolverMultistepScheduler` with its default settings.
 
   Those are solver_order 2, algorithm_type "dpmsolver++", solver_type "midpoint",
   final_sigmas_type "zero" and no Karras sigmas. The first step (no history yet) and the last
   (which diffusers always takes first-order when the final sigma is zero, whatever
   lower_order_final says) are first-order. The state is the previous step's predicted x0.
-
-  Attributes:
-    timesteps: [num_inference_steps] int64, the UNet's timestep at each step (descending).
-    init_noise_sigma: the standard deviation of the initial latent noise.
   """
-  init_noise_sigma = 1.0
+  default_spacing = "linspace"  # DPMSolverMultistepScheduler's default
 
   def __init__(self, config: SchedulerConfig, num_inference_steps: int):
-    _check_num_steps(config, num_inference_steps)
-    self.config = config
-    # DPMSolverMultistepScheduler's default.
-    self.timestep_spacing = config.timestep_spacing or "linspace"
-    self.timesteps = self._timesteps(num_inference_steps)
-    _check_timesteps(self.timesteps, self.timestep_spacing, config, num_inference_steps)
+    super().__init__(config, num_inference_steps)
     acp = alphas_cumprod(config)
     # Noise-to-signal ratios of the timesteps, then 0 for the clean final sample.
     all_sigmas = ((1 - acp) / acp)**0.5
