@@ -22,6 +22,7 @@ from flax import nnx
 
 from livo_jax.eval import judges
 from livo_jax.models.inception import InceptionV3
+from timing import median_seconds
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
@@ -44,13 +45,11 @@ PRESETS = {
 
 
 def images_per_second(fn, n_images, repeats=3):
+  """(images/s after the first call, seconds the first call took beyond a later one)."""
   start = time.perf_counter()
   fn()
   first = time.perf_counter() - start
-  start = time.perf_counter()
-  for _ in range(repeats):
-    fn()
-  seconds = (time.perf_counter() - start) / repeats
+  seconds, _ = median_seconds(fn, repeats)
   return n_images / seconds, first - seconds
 
 

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import diffusers
@@ -24,6 +23,7 @@ from flax import nnx
 
 from livo_jax import convert
 from livo_jax.models import UNet2DConditionModel, UNetConfig
+from timing import median_seconds
 
 _SD_BLOCKS = dict(
     down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
@@ -34,15 +34,6 @@ PRESETS = {
     "mid": dict(_SD_BLOCKS, block_out_channels=[160, 320, 640, 640]),
     "sd15": dict(_SD_BLOCKS, block_out_channels=[320, 640, 1280, 1280]),
 }
-
-
-def median_seconds(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main():
@@ -71,7 +62,7 @@ def main():
                     torch.from_numpy(context))
     torch_forward = lambda: torch_unet(*torch_inputs).sample
     torch_out = torch_forward().numpy()
-    torch_seconds = median_seconds(torch_forward, args.repeats)
+    torch_seconds, _ = median_seconds(torch_forward, args.repeats)
 
   graphdef, state = nnx.split(unet)
   forward = jax.jit(lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c))
@@ -81,7 +72,8 @@ def main():
   compiled = forward.lower(*jax_inputs).compile()
   compile_seconds = time.perf_counter() - start
   flax_out = np.asarray(compiled(*jax_inputs).block_until_ready())
-  flax_seconds = median_seconds(lambda: compiled(*jax_inputs).block_until_ready(), args.repeats)
+  flax_seconds, _ = median_seconds(lambda: compiled(*jax_inputs).block_until_ready(),
+                                   args.repeats)
 
   error = np.abs(flax_out.transpose(0, 3, 1, 2) - torch_out).max() / np.abs(torch_out).max()
   print(json.dumps({

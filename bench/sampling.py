@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from livo_jax import sampling
+from timing import median_seconds
 
 # The random SD folder is built the way the tests build theirs.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -40,15 +40,6 @@ MEDIUM = dict(
     vae=dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, norm_num_groups=32,
              down_block_types=("DownEncoderBlock2D",) * 4,
              up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256))
-
-
-def timed(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), out
 
 
 def main():
@@ -78,9 +69,9 @@ def main():
   start = time.perf_counter()
   run_ours()
   first_call = time.perf_counter() - start
-  flax_seconds, ours = timed(run_ours, args.repeats)
+  flax_seconds, ours = median_seconds(run_ours, args.repeats)
   run_torch()  # warm-up
-  torch_seconds, reference = timed(run_torch, args.repeats)
+  torch_seconds, reference = median_seconds(run_torch, args.repeats)
   print(json.dumps({
       "benchmark": "sampling_dpm", "batch": args.batch, "steps": args.steps,
       "image_size": int(ours.shape[1]), "unet": MEDIUM["unet"]["block_out_channels"],
