@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class WeightsError(ValueError):
   """A weights file is unreadable, or its keys/shapes do not match the model."""
+
+
+class DataError(ValueError):
+  """A training dataset is empty, or a metadata line or image in it is bad."""
