@@ -44,6 +44,11 @@ def value_token(value_encoder, value_ids):
   return pooled[:, None, :]
 
 
+def value_context(text_hidden, token):
+  """The conditioning with the value: `[token, text_hidden]`, [B, 78, D]."""
+  return jnp.concatenate([token.astype(text_hidden.dtype), text_hidden], axis=1)
+
+
 def with_value_token(text_hidden, token, use_value):
   """The 78-token conditioning and each row's attended length.
 
@@ -56,9 +61,8 @@ def with_value_token(text_hidden, token, use_value):
     `[token, text_hidden]` (length 78); rows without are `text_hidden` plus one masked token
     (length 77), i.e. plain SD.
   """
-  token = token.astype(text_hidden.dtype)
-  with_value = jnp.concatenate([token, text_hidden], axis=1)
-  without = jnp.concatenate([text_hidden, jnp.zeros_like(token)], axis=1)
+  with_value = value_context(text_hidden, token)
+  without = jnp.concatenate([text_hidden, jnp.zeros_like(with_value[:, :1])], axis=1)
   use_value = jnp.asarray(use_value, bool)
   context = jnp.where(use_value[:, None, None], with_value, without)
   lengths = jnp.where(use_value, VALUE_TOKENS, TEXT_TOKENS).astype(jnp.int32)

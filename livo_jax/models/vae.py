@@ -79,9 +79,12 @@ class VAEConfig:
           f"{self.block_out_channels}")
 
 
-def sample_latent(mean: jax.Array, logvar: jax.Array, rng: jax.Array) -> jax.Array:
-  """A draw from the diagonal Gaussian `encode` returns: `mean + exp(logvar / 2) * noise`."""
-  noise = jax.random.normal(rng, mean.shape, mean.dtype)
+def sample_latent(mean: jax.Array, logvar: jax.Array, noise: jax.Array) -> jax.Array:
+  """A draw from the diagonal Gaussian `encode` returns, given its standard-normal `noise`.
+
+  The noise is an argument (not an rng) so that a training step can be replayed exactly against
+  another implementation's draw.
+  """
   return mean + jnp.exp(0.5 * logvar) * noise
 
 
@@ -238,7 +241,7 @@ class AutoencoderKL(nnx.Module):
     Returns:
       (mean, logvar), each [B, H/f, W/f, latent_channels], unscaled; logvar is clamped to
       [-30, 20] as in diffusers' `DiagonalGaussianDistribution`. `mean` is diffusers'
-      `latent_dist.mode()`; `sample_latent(mean, logvar, rng)` draws from it.
+      `latent_dist.mode()`; `sample_latent(mean, logvar, noise)` draws from it.
     """
     moments = self.encoder(images)
     if self.quant_conv is not None:

@@ -1,0 +1,93 @@
+"""LiVO's preference objectives on the four per-sample denoising errors (REFERENCE section 4).
+
+A training pair is an aligned image `w` and a violating image `l`, noised with one shared noise
+and timestep. The UNet is run four times: with the value token ("theta") and without it ("ref"),
+on each image. Each run gives a per-sample MSE, and the objectives compare them:
+
+  errors = dict(theta_w=[B], theta_l=[B], ref_w=[B], ref_l=[B])
+  loss, metrics = OBJECTIVES["livo"](errors, beta=1000., alpha=500., gamma1=1., gamma2=.5)
+
+Everything here is plain math on arrays; the UNet passes live in `livo_jax.train`.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from livo_jax import schedulers
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def per_sample_mse(prediction, target):
+  """Mean squared error over every axis but the batch, in float32: [B, ...] -> [B]."""
+  diff = prediction.astype(jnp.float32) - target.astype(jnp.float32)
+  return jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))
+
+
+def prediction_target(prediction_type: str, alphas_cumprod, latents, noise, t):
+  """What the UNet is trained to predict: the noise, or v = sqrt(acp) eps - sqrt(1-acp) z."""
+  if prediction_type == "epsilon":
+    return noise
+  if prediction_type == "v_prediction":
+    return schedulers.velocity(alphas_cumprod, latents, noise, t)
+  raise ValueError(f"prediction type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
+
+
+def min_snr_weights(alphas_cumprod, t, snr_gamma: float, prediction_type: str):
+  """Min-SNR-gamma loss weights [B] (Hang et al. 2023), as diffusers' text-to-image trainer.
+
+  snr = acp / (1 - acp); the weight is min(snr, gamma) / snr for epsilon targets and
+  min(snr, gamma) / (snr + 1) for v targets (the +1 turns the v error back into an x0 error).
+  """
+  acp = jnp.asarray(alphas_cumprod, jnp.float32)[t]
+  snr = acp / (1 - acp)
+  clipped = jnp.minimum(snr, snr_gamma)
+  if prediction_type == "v_prediction":
+    return clipped / (snr + 1)
+  return clipped / snr
+
+
+def _error_means(errors) -> dict:
+  return {f"loss_{name}": jnp.mean(value) for name, value in errors.items()}
+
+
+def livo_loss(errors, *, beta: float, alpha: float, gamma1: float, gamma2: float, **_):
+  """The LiVO hinge, averaged over the batch.
+
+  relu(gamma1 + beta (theta_w - ref_w)) pulls the value-conditioned model toward the aligned
+  image; relu(gamma2 + alpha (ref_l - theta_l)) pushes it away from the violating one.
+  """
+  gap_w = errors["theta_w"] - errors["ref_w"]    # < 0: better than SD on the aligned image
+  gap_l = errors["ref_l"] - errors["theta_l"]    # < 0: worse than SD on the violating image
+  loss = jnp.mean(jax.nn.relu(gamma1 + beta * gap_w) + jax.nn.relu(gamma2 + alpha * gap_l))
+  metrics = _error_means(errors)
+  metrics.update(gap_w=jnp.mean(gap_w), gap_l=jnp.mean(gap_l),
+                 beta_gap_w=beta * jnp.mean(gap_w), alpha_gap_l=alpha * jnp.mean(gap_l))
+  return loss, metrics
+
+
+def dpo_loss(errors, *, beta_dpo: float, **_):
+  """Diffusion-DPO (Wallace et al. 2023) on the same four errors."""
+  margin = (errors["theta_w"] - errors["theta_l"]) - (errors["ref_w"] - errors["ref_l"])
+  loss = jnp.mean(-jax.nn.log_sigmoid(-0.5 * beta_dpo * margin))
+  metrics = _error_means(errors)
+  metrics.update(gap_w=jnp.mean(errors["theta_w"] - errors["ref_w"]),
+                 gap_l=jnp.mean(errors["ref_l"] - errors["theta_l"]),
+                 dpo_accuracy=jnp.mean((margin < 0).astype(jnp.float32)))
+  return loss, metrics
+
+
+def sft_loss(errors, **_):
+  """Plain denoising MSE on the aligned images, with the value token."""
+  loss = jnp.mean(errors["theta_w"])
+  return loss, _error_means(errors)
+
+
+# name -> (loss function, the UNet passes it needs)
+OBJECTIVES: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "livo": (livo_loss, ("theta_w", "theta_l", "ref_w", "ref_l")),
+    "dpo": (dpo_loss, ("theta_w", "theta_l", "ref_w", "ref_l")),
+    "sft": (sft_loss, ("theta_w",)),
+}
