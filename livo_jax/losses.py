@@ -21,8 +21,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def per_sample_mse(prediction, target):
-  """Mean squared error over every axis but the batch, in float32: [B, ...] -> [B]."""
-  diff = prediction.astype(jnp.float32) - target.astype(jnp.float32)
+  """Mean squared error over every axis but the batch, in float32 (or wider): [B, ...] -> [B]."""
+  dtype = jnp.promote_types(jnp.result_type(prediction, target), jnp.float32)
+  diff = prediction.astype(dtype) - target.astype(dtype)
   return jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))
 
 

@@ -57,7 +57,8 @@ def min_snr_weights(alphas_cumprod, timesteps, gamma, prediction_type):
 
 def per_sample_mse(prediction, target):
   """Mean squared error over every axis but the batch, in float32."""
-  squared = F.mse_loss(prediction.float(), target.float(), reduction="none")
+  dtype = torch.promote_types(prediction.dtype, torch.float32)   # float64 stays float64
+  squared = F.mse_loss(prediction.to(dtype), target.to(dtype), reduction="none")
   return squared.mean(dim=tuple(range(1, squared.ndim)))
 
 
@@ -100,7 +101,8 @@ class OriginalLiVO:
     max_grad_norm: the global gradient norm is clipped to this.
     device: where the models run.
     dtype: dtype of the frozen models' weights (float16 in the original's mixed precision); the
-      value encoder always trains in float32.
+      value encoder trains in float32, or in float64 when dtype is float64 (the precision the
+      loss-parity tests need: beta = 1000 multiplies the errors' rounding).
     autocast_dtype: run the forward under torch autocast with this dtype (float16 on cuda, as the
       original's fp16 mixed precision); None for none. float16 also scales the loss (GradScaler).
     gradient_checkpointing: recompute the value encoder's activations in the backward pass.
@@ -126,6 +128,8 @@ class OriginalLiVO:
     self.max_grad_norm = max_grad_norm
     self.device = torch.device(device)
     self.dtype = dtype
+    # Latents, noise and errors: float32, or float64 for a float64 reference.
+    self.float_dtype = torch.promote_types(dtype, torch.float32)
     self.autocast_dtype = autocast_dtype
 
     scheduler = diffusers.DDPMScheduler.from_pretrained(sd_folder, subfolder="scheduler")
@@ -151,7 +155,7 @@ class OriginalLiVO:
     else:
       source = dict(pretrained_model_name_or_path=value_encoder_folder)
     self.value_encoder = transformers.CLIPTextModel.from_pretrained(
-        **source, attn_implementation=attention, dtype=torch.float32).to(self.device)
+        **source, attn_implementation=attention, dtype=self.float_dtype).to(self.device)
     if gradient_checkpointing:
       self.value_encoder.activation_checkpointing_enable()
     # Training mode as the original (checkpointing acts only then); CLIP has no dropout.
@@ -169,8 +173,8 @@ class OriginalLiVO:
     return torch.as_tensor(np.asarray(array), device=self.device, dtype=dtype)
 
   def _nchw(self, array):
-    """An NHWC numpy array as an NCHW float32 tensor on the device."""
-    return self._tensor(array, torch.float32).permute(0, 3, 1, 2)
+    """An NHWC numpy array as an NCHW float tensor (float32 or float64) on the device."""
+    return self._tensor(array, self.float_dtype).permute(0, 3, 1, 2)
 
   def _latents(self, pixels, latent_noise):
     """The scaled VAE posterior sample `(mean + exp(logvar / 2) * n) * scaling_factor`.
@@ -179,8 +183,8 @@ class OriginalLiVO:
     """
     with torch.no_grad():
       posterior = self.vae.encode(self._nchw(pixels).to(self.dtype)).latent_dist
-      std = torch.exp(0.5 * posterior.logvar.float())
-      z = posterior.mean.float() + std * self._nchw(latent_noise)
+      std = torch.exp(0.5 * posterior.logvar.to(self.float_dtype))
+      z = posterior.mean.to(self.float_dtype) + std * self._nchw(latent_noise)
     return z * self.scaling_factor
 
   def _unet_error(self, noisy, timesteps, context, target):

@@ -402,7 +402,8 @@ class UNet2DConditionModel(nnx.Module):
         context tokens only, so rows of different lengths share one call (the padding is
         exactly invisible, as if the context were shorter).
     Returns:
-      [B, H, W, C] in float32 whatever the compute dtype, for losses and samplers downstream.
+      [B, H, W, C] in float32 whatever the compute dtype (float64 for a float64 model), for
+      losses and samplers downstream.
     """
     # diffusers also takes other sizes (upsampling to each skip's size); SD latents never need it.
     factor = 2 ** (len(self.down_blocks) - 1)
@@ -430,4 +431,4 @@ class UNet2DConditionModel(nnx.Module):
       del skips[-n:]
 
     x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
-    return x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))   # float64 models stay float64

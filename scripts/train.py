@@ -1,0 +1,52 @@
+r"""Trains a LiVO value encoder against a frozen Stable Diffusion.
+
+  python scripts/train.py --config=configs/sd15.py --workdir=/tmp/livo \
+      --config.model.pretrained=/path/to/sd15 --config.data.train_dir=/path/to/livo_data
+
+Any config key can be overridden with `--config.KEY=VALUE`; an unknown key is an error. A rerun
+with the same workdir resumes from its latest checkpoint.
+"""
+
+import logging
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from livo_jax import train
+from livo_jax.errors import ConfigError, DataError, WeightsError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and exports go",
+                               required=True)
+
+
+def parse_flags(argv):
+  """absl's parser, with a one-line error for an unknown `--config.KEY` or a bad value."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: the key does not exist
+    key = str(e).strip("\"'")
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    named = [o for o in overrides if key in o.split(".")]
+    sys.exit(f"error: unknown config key {named[0] if named else key!r} "
+             "(see the config file for the keys)")
+  except flags.Error as e:
+    sys.exit(f"error: {e}\nsee --helpfull for the flags")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.getLogger().setLevel(logging.INFO)
+  try:
+    train.train(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, DataError, WeightsError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main, flags_parser=parse_flags)
