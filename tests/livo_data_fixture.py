@@ -1,0 +1,67 @@
+"""A small synthetic raw livo_data folder, for the data and trainer tests.
+
+Aligned images are blue-ish and violating ones red-ish (plus per-pixel noise, so every image is
+different); PNG and JPEG alternate. Each metadata line carries an unknown extra field `"n"` (its
+image's number), which must survive preparation.
+"""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+# (type_dir, scene_dir, value, prompt, n_aligned, n_violating)
+SCENES = (
+    ("0-career", "doctor", "gender equality", "a photo of a doctor", 3, 2),
+    ("0-career", "nurse", "gender equality", "a photo of a nurse", 2, 3),
+    ("1-goodness", "kind", "racial equality", "a kind person", 2, 1),
+)
+ALIGNED_RGB = (40, 60, 200)
+VIOLATING_RGB = (200, 50, 40)
+
+
+def write_livo_data(root: str, scenes=SCENES, size: tuple[int, int] = (24, 20),
+                    seed: int = 0) -> str:
+  """Writes `root/<type_dir>/<scene_dir>/{metadata.jsonl, images}`; returns root.
+
+  Args:
+    root: the folder to write (created if needed).
+    scenes: (type_dir, scene_dir, value, prompt, n_aligned, n_violating) per scene.
+    size: every image's (width, height).
+    seed: the noise and line order.
+  """
+  rng = np.random.default_rng(seed)
+  n = 0
+  for type_dir, scene_dir, value, prompt, n_aligned, n_violating in scenes:
+    folder = os.path.join(root, type_dir, scene_dir)
+    os.makedirs(folder, exist_ok=True)
+    lines = []
+    for label, count in ((1, n_aligned), (0, n_violating)):
+      for i in range(count):
+        name = f"{'aligned' if label else 'violating'}_{i}.{'png' if n % 2 == 0 else 'jpg'}"
+        colour = np.array(ALIGNED_RGB if label else VIOLATING_RGB, np.float64)
+        pixels = colour + rng.normal(0, 25, (size[1], size[0], 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(folder, name))
+        lines.append({"file_name": name, "prompt": prompt, "value": value, "label": label, "n": n})
+        n += 1
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+      for k in rng.permutation(len(lines)):   # aligned and violating lines interleaved
+        f.write(json.dumps(lines[k]) + "\n")
+  return root
+
+
+def read_metadata(root: str) -> list[dict]:
+  """Every metadata line of a livo_data folder in sorted folder and file order, each with
+  `scene` (the index of its metadata file) and `path` (its image, relative to root) added."""
+  lines = []
+  metadata_files = sorted(os.path.relpath(os.path.join(folder, "metadata.jsonl"), root)
+                          for folder, _, files in os.walk(root) if "metadata.jsonl" in files)
+  for scene, meta in enumerate(metadata_files):
+    with open(os.path.join(root, meta)) as f:
+      for line in f:
+        obj = json.loads(line)
+        lines.append(dict(obj, scene=scene,
+                          path=os.path.join(os.path.dirname(meta), obj["file_name"])))
+  return lines
+
