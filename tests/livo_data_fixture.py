@@ -65,3 +65,23 @@ def read_metadata(root: str) -> list[dict]:
                           path=os.path.join(os.path.dirname(meta), obj["file_name"])))
   return lines
 
+
+def centre_crop(root: str, path: str, resolution: int, flip: bool = False) -> np.ndarray:
+  """The training transform by hand: PIL bilinear resize of the shorter side to `resolution`,
+  centre crop (torchvision's rounding), optional mirror, /127.5 - 1. float32 [R, R, 3]."""
+  image = Image.open(os.path.join(root, path)).convert("RGB")
+  w, h = image.size
+  scale = resolution / min(w, h)
+  w, h = (resolution, int(h * scale)) if w <= h else (int(w * scale), resolution)
+  x = np.asarray(image.resize((w, h), Image.BILINEAR), np.float32)
+  top, left = round((h - resolution) / 2), round((w - resolution) / 2)
+  x = x[top:top + resolution, left:left + resolution]
+  return (x[:, ::-1] if flip else x) / np.float32(127.5) - np.float32(1)
+
+
+def pool_encode(pixels: np.ndarray) -> np.ndarray:
+  """A stand-in VAE encoder for latent-cache tests: 4x4 average pooling; "mean" = pooled,
+  "logvar" = pooled squared. float32 [n, R, R, 3] -> [n, R/4, R/4, 6]."""
+  n, h, w, c = pixels.shape
+  pooled = pixels.reshape(n, h // 4, 4, w // 4, 4, c).mean(axis=(2, 4))
+  return np.concatenate([pooled, pooled ** 2], axis=-1).astype(np.float32)

@@ -1,10 +1,11 @@
-"""prepare and PreferenceSource against the raw folder read by hand, and bad input."""
+"""prepare and PreferenceSource against the raw folder read by hand; bad input; the latent cache."""
 
 import json
 import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -241,3 +242,32 @@ def test_skip_bad_with_nothing_left_is_still_an_error(tmp_path):
   with pytest.raises(DataError, match="no aligned .* left after skipping 3 bad samples"):
     data.prepare(root, cache_root=str(tmp_path / "cache"), skip_bad=True, log=quiet)
 
+
+def test_moments_cache_is_the_encoder_of_the_centre_crops(raw, prepared):
+  source = data.PreferenceSource(prepared)
+  shapes = []
+
+  def encode(pixels):
+    shapes.append(pixels.shape)
+    return fixture.pool_encode(pixels)
+
+  moments = data.cache_moments(source, encode, resolution=16, random_flip=True, key="tiny/vae",
+                               batch_size=5, log=quiet)
+  assert set(shapes) == {(5, 16, 16, 3)}   # the last batch of 3 is padded
+  assert moments.plain.shape == moments.flipped.shape == (13, 4, 4, 6)
+  paths = [source.record(i)["path"] for i in range(source.num_records)]
+  plain, flipped = (fixture.pool_encode(np.stack([fixture.centre_crop(raw, p, 16, flip)
+                                                   for p in paths])) for flip in (False, True))
+  np.testing.assert_allclose(moments.plain, plain, atol=1e-6)
+  np.testing.assert_allclose(moments.flipped, flipped, atol=1e-6)
+  np.testing.assert_array_equal(moments.get(3, flip=True), moments.flipped[3])
+  np.testing.assert_array_equal(moments.get(3, flip=False), moments.plain[3])
+
+  # Reused: no encoding the second time, and no temporary file left behind.
+  again = data.cache_moments(source, lambda x: pytest.fail("re-encoded"), resolution=16,
+                             random_flip=True, key="tiny/vae", log=quiet)
+  np.testing.assert_array_equal(again.flipped, moments.flipped)
+  folder = os.path.dirname(again.plain.filename)
+  assert sorted(os.listdir(folder)) == ["flipped.npy", "plain.npy"]
+  assert folder.startswith(os.path.join(prepared, "latents", "tiny_vae-"))
+  assert folder.endswith("-16px")

@@ -2,11 +2,13 @@
 
   prepared = prepare("livo_data")                  # validated TFDS array_record dataset, cached
   source = PreferenceSource(prepared)              # len = aligned images
+  moments = cache_moments(source, encode_fn, resolution=512, random_flip=True, key="sd15")
 
 See docs/data.md.
 """
 
 from livo_jax.data.builder import prepare
+from livo_jax.data.latents import Moments, cache_moments
 from livo_jax.data.source import PreferenceSource
 
-__all__ = ["PreferenceSource", "prepare"]
+__all__ = ["Moments", "PreferenceSource", "cache_moments", "prepare"]
