@@ -27,20 +27,7 @@ from timing import median_seconds
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
 import tiny_sd  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# A medium SD: SD 1.5's layout (4 levels, 2 layers, 8 heads) at a fifth of its width.
-MEDIUM = dict(
-    clip=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-              num_attention_heads=4),
-    unet=dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2,
-              cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
-              sample_size=32,
-              down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-              up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-    vae=dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, norm_num_groups=32,
-             down_block_types=("DownEncoderBlock2D",) * 4,
-             up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256))
-
+from presets import MEDIUM  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -40,7 +40,7 @@ def get_config(arg=None):
 
   config.data = ml_collections.ConfigDict()
   config.data.train_dir = ""             # livo_data folder, or one `prepare` made (required)
-  config.data.cache_dir = ""             # where prepared datasets go; "" = ~/.cache/livo_jax
+  config.data.cache_dir = ""             # prepared datasets; "" = ~/.cache/livo_jax/datasets
   config.data.resolution = 512
   config.data.center_crop = True         # False: random crop
   config.data.random_flip = True
