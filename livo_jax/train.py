@@ -370,7 +370,7 @@ def _truncate_metrics(path: str, resume_step: int) -> None:
 def validation_grid(models: Models, config) -> np.ndarray:
   """Plain SD (top row) and with the value token (bottom row), same prompts and seeds."""
   prompts = list(config.eval.prompts)
-  values = list(config.eval.values)
+  values = list(config.eval.value_statements)
   if len(values) == 1:
     values = values * len(prompts)
   sd = sampling.StableDiffusion(models.tokenizer, models.text_encoder, models.unet, models.vae,
@@ -385,8 +385,9 @@ def validation_grid(models: Models, config) -> np.ndarray:
 
 
 def _check_eval_config(config) -> None:
-  if config.eval.every and len(config.eval.values) not in (1, len(config.eval.prompts)):
-    raise ConfigError(f"eval.values has {len(config.eval.values)} entries: give one value, "
+  statements = config.eval.value_statements
+  if config.eval.every and len(statements) not in (1, len(config.eval.prompts)):
+    raise ConfigError(f"eval.value_statements has {len(statements)} entries: give one value, "
                       f"or one per eval.prompts entry ({len(config.eval.prompts)})")
 
 
