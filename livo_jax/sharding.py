@@ -54,7 +54,7 @@ def make_mesh(data: int, fsdp: int, devices: Sequence[Any] | None = None) -> Mes
 
 
 def path_name(path) -> str:
-  """A pytree key path as "a/b/0/c"."""
+  """A pytree key path as "a/b/0/c" (without the `value` leaf key of nnx Variables)."""
   parts = []
   for key in path:
     for attr in ("key", "name", "idx"):
@@ -63,6 +63,8 @@ def path_name(path) -> str:
         break
     else:
       parts.append(str(key))
+  if parts and parts[-1] == "value":
+    parts.pop()
   return "/".join(parts)
 
 

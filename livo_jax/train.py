@@ -185,7 +185,7 @@ def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedule:
 
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    lr=schedule(state["step"]))
     new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
     return new_state, metrics
@@ -403,18 +403,18 @@ def train(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   logging.info("mesh %s over %d devices", dict(mesh.shape), jax.device_count())
 
-  models = load_models(config)
-  alphas_cumprod = schedulers.alphas_cumprod(models.scheduler_config)
-  settings = step_settings(config, models.scheduler_config)
-  logging.info("objective %s, prediction type %s", settings.objective, settings.prediction_type)
-
-  # Data: prepare (or reuse) the array_record copy, optionally cache VAE moments.
+  # Data first (bad data fails before the models load): prepare or reuse the array_record copy.
   prepared = data.prepare(config.data.train_dir, cache_root=config.data.cache_dir or None,
                           skip_bad=config.data.skip_bad, log=logging.info)
   source = data.PreferenceSource(prepared)
   logging.info("%d aligned images in %d scenes (%d bad samples skipped)", len(source),
                source.num_scenes, source.skipped)
-  moments = None
+
+  models = load_models(config)
+  alphas_cumprod = schedulers.alphas_cumprod(models.scheduler_config)
+  settings = step_settings(config, models.scheduler_config)
+  logging.info("objective %s, prediction type %s", settings.objective, settings.prediction_type)
+  moments = None    # optionally, VAE moments computed once
   if config.data.cache_latents:
     vae_key = f"{os.path.abspath(config.model.pretrained)}-{config.dtype}"
     moments = data.cache_moments(source, _vae_encode_fn(models.vae, mesh),

@@ -8,10 +8,12 @@ with the same workdir resumes from its latest checkpoint.
 """
 
 import logging
+import re
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from livo_jax import train
@@ -28,11 +30,14 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: the key does not exist
-    key = str(e).strip("\"'")
+    text = str(e).replace("\\", "")
+    key = re.search(r"'(\w+)", text)
     overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    named = [o for o in overrides if key in o.split(".")]
-    sys.exit(f"error: unknown config key {named[0] if named else key!r} "
-             "(see the config file for the keys)")
+    named = [o for o in overrides if key and key.group(1) in o.split(".")]
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    sys.exit(f"error: unknown config key {named[0] if named else text!r}"
+             + (f' (did you mean "{hint.group(1)}"?)' if hint else "")
+             + "; the config file lists the keys")
   except flags.Error as e:
     sys.exit(f"error: {e}\nsee --helpfull for the flags")
 
@@ -41,6 +46,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.getLogger().setLevel(logging.INFO)
+  absl_logging.set_verbosity(absl_logging.WARNING)   # orbax's and grain's per-save chatter
   try:
     train.train(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DataError, WeightsError, FileNotFoundError) as e:

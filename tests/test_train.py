@@ -1,0 +1,227 @@
+"""The trainer end to end on the tiny SD and a synthetic livo_data folder.
+
+One straight 8-step run is the reference the other runs are held to: a run stopped at step 4 and
+resumed to 8 (bitwise), 8 CPU devices as data 4 x fsdp 2, gradient accumulation and the latent
+cache (the same curves, see `assert_losses_follow`). Plus its outputs, and the errors that must
+stop a run before compute.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import transformers
+
+from livo_jax import train
+from livo_jax.errors import ConfigError
+from livo_data_fixture import write_livo_data
+from train_fixtures import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DESIGN_METRICS = ("step", "loss", "loss_theta_w", "loss_ref_w", "loss_theta_l", "loss_ref_l",
+                  "lr")
+RUN = {"batch_size": 8, "total_steps": 8, "checkpoint_every": 4, "keep_checkpoints": 1}
+
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory):
+  return write_livo_data(str(tmp_path_factory.mktemp("livo_data")), size=(20, 16))
+
+
+@pytest.fixture(scope="module")
+def make_config(sd_folder, train_dir, tmp_path_factory):
+  cache = str(tmp_path_factory.mktemp("prepared"))
+
+  def make(**overrides):
+    return load_config(sd_folder, train_dir, **{"data.cache_dir": cache, **RUN, **overrides})
+  return make
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def read_weights(workdir: str) -> dict[str, np.ndarray]:
+  return safetensors.numpy.load_file(os.path.join(workdir, "value_encoder", "model.safetensors"))
+
+
+def assert_losses_follow(ours: list[dict], reference: list[dict]):
+  """The four MSE curves to 1e-6; the hinge loss to 5e-4.
+
+  The hinge multiplies error differences by beta = 1000: one float32 ulp of an error (~1e-7 of
+  ~1.4) already moves it by ~1e-4, whatever the batch split or summation order. (The float64
+  parity test in test_losses.py holds the loss formula itself to 1e-5.)
+  """
+  assert [m["step"] for m in ours] == [m["step"] for m in reference[:len(ours)]]
+  for got, want in zip(ours, reference):
+    for key in ("loss_theta_w", "loss_ref_w", "loss_theta_l", "loss_ref_l"):
+      assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
+    assert got["loss"] == pytest.approx(want["loss"], rel=5e-4), got["step"]
+
+
+@pytest.fixture(scope="module")
+def straight(make_config, tmp_path_factory):
+  """8 steps in one go, with validation images at the end."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  train.train(make_config(**{"eval.every": 8}), workdir)
+  return workdir
+
+
+def test_outputs(straight, sd_folder):
+  metrics = read_metrics(straight)
+  assert [m["step"] for m in metrics] == list(range(1, 9))
+  for m in metrics:
+    assert set(DESIGN_METRICS) <= set(m)
+    assert m["gap_w"] == pytest.approx(m["loss_theta_w"] - m["loss_ref_w"], abs=1e-6)
+    assert m["gap_l"] == pytest.approx(m["loss_ref_l"] - m["loss_theta_l"], abs=1e-6)
+    assert m["beta_gap_w"] == pytest.approx(1000 * m["gap_w"], rel=1e-5)
+    assert m["lr"] == pytest.approx(1e-6)
+  # keep_checkpoints = 1: only the last survives.
+  assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == ["8"]
+  events = os.listdir(os.path.join(straight, "tensorboard"))
+  assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+  assert os.path.getsize(os.path.join(straight, "tensorboard", events[0])) > 1000
+
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  grid = np.asarray(Image.open(os.path.join(straight, "images", "step_000008.png")))
+  assert grid.shape == (2 * 16, 2 * 16, 3)     # (plain, with value) x 2 prompts of 16 px
+  assert not np.array_equal(grid[:16], grid[16:])   # the value token changes the images
+
+  # value_encoder/ is an HF CLIPTextModel that torch loads with nothing missing, and trained.
+  model, info = transformers.CLIPTextModel.from_pretrained(
+      os.path.join(straight, "value_encoder"), output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+  start = transformers.CLIPTextModel.from_pretrained(os.path.join(sd_folder, "text_encoder"))
+  trained = model.state_dict()
+  changed = [k for k, v in start.state_dict().items() if not np.array_equal(v, trained[k])]
+  assert len(changed) > len(trained) // 2
+
+
+def test_resume_is_exact(straight, make_config, tmp_path):
+  """4 steps, stop, then 8: the same weights as 8 straight steps, bit for bit."""
+  workdir = str(tmp_path)
+  train.train(make_config(total_steps=4), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+  train.train(make_config(), workdir)
+  ours, reference = read_weights(workdir), read_weights(straight)
+  assert ours.keys() == reference.keys()
+  for key, value in reference.items():
+    np.testing.assert_array_equal(ours[key], value, err_msg=key)
+  metrics = read_metrics(workdir)
+  assert metrics == [dict(m, steps_per_second=n["steps_per_second"])
+                     for m, n in zip(read_metrics(straight), metrics)]
+
+
+def test_gradient_accumulation_matches_full_batch(straight, make_config, tmp_path):
+  train.train(make_config(total_steps=2, **{"optim.grad_accum_steps": 2}), str(tmp_path))
+  assert_losses_follow(read_metrics(str(tmp_path)), read_metrics(straight))
+
+
+def test_latent_cache_matches_pixels(straight, make_config, tmp_path):
+  """Cached VAE moments (both flips) give the batches the pixel path encodes in the step."""
+  train.train(make_config(total_steps=2, **{"data.cache_latents": True}), str(tmp_path))
+  assert_losses_follow(read_metrics(str(tmp_path)), read_metrics(straight))
+
+
+_SHARDED_RUN = textwrap.dedent("""
+    import json, sys
+    sys.path[:0] = {paths!r}
+    import jax
+    from livo_jax import sharding, train
+    from train_fixtures import load_config
+    assert jax.device_count() == 8
+    config = load_config({sd!r}, {data!r}, **{overrides!r})
+    train.train(config, {workdir!r})
+    # How the rules place the value encoder's weights on this mesh.
+    models = train.load_models(config)
+    from flax import nnx
+    _, params = nnx.split(models.value_encoder)
+    mesh = sharding.make_mesh(4, 2)
+    specs = {{sharding.path_name(path): str(s.spec) for path, s in
+              jax.tree_util.tree_flatten_with_path(sharding.tree_shardings(mesh, params))[0]}}
+    print("SPECS " + json.dumps(specs))
+""")
+
+
+def test_sharded_run_follows_one_device(straight, make_config, sd_folder, train_dir,
+                                        tmp_path):
+  """8 CPU devices, data 4 x fsdp 2, same global batch and seed: the 1-device loss curve."""
+  overrides = {"data.cache_dir": make_config().data.cache_dir, **RUN, "total_steps": 3,
+               "mesh.data": 4, "mesh.fsdp": 2}
+  script = _SHARDED_RUN.format(paths=[REPO, os.path.join(REPO, "tests")], sd=sd_folder,
+                               data=train_dir, overrides=overrides, workdir=str(tmp_path))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                       timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert_losses_follow(read_metrics(str(tmp_path)), read_metrics(straight))
+  specs = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("SPECS "))[6:])
+  # Matrices are split over fsdp along their largest axis; vectors stay replicated.
+  fc1 = "encoder/layers/0/mlp/fc1"                    # kernel [32, 48]
+  assert specs[f"{fc1}/kernel"] == "P(None, 'fsdp')"
+  assert specs["embeddings/token_embedding/embedding"] == "P('fsdp',)"
+  assert specs[f"{fc1}/bias"] == "P()"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.pretrained": ""}, "model.pretrained is required"),
+    ({"batch_size": 6, "optim.grad_accum_steps": 4}, "multiple of the device count"),
+    ({"loss.name": "ppo"}, "loss.name = 'ppo'"),
+    ({"loss.prediction_type": "sample"}, "loss.prediction_type"),
+    ({"optim.schedule": "linear"}, "optim.schedule"),
+    ({"dtype": "float16"}, "dtype = 'float16'"),
+    ({"data.cache_latents": True, "data.center_crop": False}, "center_crop"),
+    ({"eval.every": 5, "eval.value_statements": ("a", "b", "c")}, "eval.value_statements"),
+    ({"total_steps": 0}, "total_steps"),
+])
+def test_config_errors_stop_before_compute(make_config, tmp_path, overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    train.train(make_config(**overrides), str(tmp_path / "workdir"))
+  assert os.listdir(tmp_path / "workdir") == []   # nothing written
+
+
+def test_unwritable_workdir_is_an_error_before_compute(make_config, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  config = make_config(**{"model.pretrained": "/nonexistent"})
+  with pytest.raises(ConfigError, match="cannot be written"):
+    train.train(config, str(blocker / "workdir"))
+
+
+def run_script(*args):
+  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "train.py"),
+                         "--config=" + os.path.join(REPO, "configs", "sd15.py"), *args],
+                        capture_output=True, text=True, timeout=300, check=False, cwd=REPO)
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  out = run_script(f"--workdir={tmp_path}", "--config.loss.betta=3")
+  assert out.returncode != 0
+  assert "unknown config key '--config.loss.betta'" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_bad_data_names_file_and_line_and_keeps_the_workdir(sd_folder, tmp_path):
+  data = write_livo_data(str(tmp_path / "data"))
+  metadata = os.path.join(data, "0-career", "nurse", "metadata.jsonl")
+  with open(metadata) as f:
+    lines = f.readlines()
+  lines[1] = lines[1].replace('"label": 0', '"label": 2').replace('"label": 1', '"label": 2')
+  with open(metadata, "w") as f:
+    f.writelines(lines)
+  workdir = tmp_path / "workdir"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("mine")
+  out = run_script(f"--workdir={workdir}", f"--config.model.pretrained={sd_folder}",
+                   f"--config.data.train_dir={data}",
+                   f"--config.data.cache_dir={tmp_path / 'cache'}")
+  assert out.returncode != 0
+  assert f"error: {metadata}:2" in out.stderr, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  assert sorted(os.listdir(workdir)) == ["notes.txt"]
