@@ -225,3 +225,74 @@ def test_bad_data_names_file_and_line_and_keeps_the_workdir(sd_folder, tmp_path)
   assert f"error: {metadata}:2" in out.stderr, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
   assert sorted(os.listdir(workdir)) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("overrides", [
+    {"loss.name": "dpo", "dtype": "bfloat16"},
+    {"loss.name": "sft"},
+    {"loss.prediction_type": "v_prediction", "loss.snr_gamma": 5.0, "loss.noise_offset": 0.1,
+     "loss.input_perturbation": 0.1, "model.remat": True},
+])
+def test_objectives_in_the_step(make_config, overrides):
+  """Each objective and option (bf16 frozen nets, UNet remat) compiles into the step and
+  reports what it computed."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  config = make_config(**overrides)
+  models = train.load_models(config)
+  settings = train.step_settings(config, models.scheduler_config)
+  tx, schedule = train.make_optimizer(config.optim, config.total_steps)
+  graphdefs, frozen = {}, {}
+  for name in ("value_encoder", "text_encoder", "unet", "vae"):
+    graphdefs[name], frozen[name] = nnx.split(getattr(models, name))
+  params = frozen.pop("value_encoder")
+  state = dict(params=params, opt_state=tx.init(params), step=jax.numpy.int32(0),
+               rng=jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  ids = np.asarray(rng.integers(3, 80, (2, 77)), np.int32)
+  batch = dict(pixels_w=rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
+               pixels_l=rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
+               prompt_ids=ids, value_ids=ids[::-1])
+  step = jax.jit(train.make_train_step(graphdefs, tx, schedule,
+                                       train.schedulers.alphas_cumprod(models.scheduler_config),
+                                       settings))
+  new_state, metrics = step(state, frozen, batch)
+  metrics = {k: float(v) for k, v in metrics.items()}
+  assert int(new_state["step"]) == 1 and np.isfinite(metrics["grad_norm"])
+  if config.loss.name == "sft":
+    assert set(metrics) >= {"loss", "loss_theta_w"} and "loss_ref_w" not in metrics
+    assert metrics["loss"] == pytest.approx(metrics["loss_theta_w"], rel=1e-6)
+  else:
+    assert set(metrics) >= set(DESIGN_METRICS) - {"step"}
+  if config.loss.name == "dpo":
+    assert 0 <= metrics["dpo_accuracy"] <= 1
+
+
+def test_schedules(make_config):
+  import optax  # pylint: disable=g-import-not-at-top
+  optim = make_config().optim
+  optim.lr, optim.warmup_steps = 1e-3, 10
+  for name, expected in [
+      ("constant", {0: 1e-3, 5: 1e-3, 100: 1e-3}),
+      ("warmup_constant", {0: 0.0, 5: 0.5e-3, 10: 1e-3, 100: 1e-3}),
+      ("cosine", {0: 0.0, 5: 0.5e-3, 10: 1e-3, 55: 0.5e-3, 100: 0.0}),
+  ]:
+    optim.schedule = name
+    tx, schedule = train.make_optimizer(optim, total_steps=100)
+    assert isinstance(tx, optax.GradientTransformation)
+    for step, lr in expected.items():
+      assert float(schedule(step)) == pytest.approx(lr, abs=1e-9), (name, step)
+
+
+def test_value_encoder_init_folder(make_config, tmp_path):
+  """`model.value_encoder_init` (e.g. released LiVO weights) replaces the text-encoder start."""
+  import tiny_sd  # pylint: disable=g-import-not-at-top
+  released = str(tmp_path / "value_encoder")
+  torch_model = tiny_sd.make_component("text_encoder", released, seed=5)
+  models = train.load_models(make_config(**{"model.value_encoder_init": released}))
+  ids = np.arange(3, 80, dtype=np.int64)[None, :77]
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    expected = torch_model(torch.from_numpy(ids))[1].numpy()
+  np.testing.assert_allclose(models.value_encoder(ids.astype(np.int32))[1], expected, atol=1e-5)
+  assert models.value_encoder_config["hidden_size"] == 32
