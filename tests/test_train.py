@@ -296,3 +296,32 @@ def test_value_encoder_init_folder(make_config, tmp_path):
     expected = torch_model(torch.from_numpy(ids))[1].numpy()
   np.testing.assert_allclose(models.value_encoder(ids.astype(np.int32))[1], expected, atol=1e-5)
   assert models.value_encoder_config["hidden_size"] == 32
+
+
+DESIGN_KEYS = ("model.pretrained", "model.value_encoder_init", "data.train_dir",
+               "data.resolution", "data.skip_bad", "data.cache_latents", "batch_size",
+               "total_steps", "seed", "loss.name", "loss.beta", "loss.alpha", "loss.gamma1",
+               "loss.gamma2", "loss.beta_dpo", "loss.snr_gamma", "optim.lr",
+               "optim.max_grad_norm", "checkpoint_every", "log_every", "mesh.data", "mesh.fsdp")
+
+
+def test_sd15_config_is_the_recipe():
+  from train_fixtures import config_module  # pylint: disable=g-import-not-at-top
+  config = config_module("sd15").get_config()
+  flat = {}
+
+  def walk(node, prefix=""):
+    for key, value in node.items():
+      if hasattr(value, "items"):
+        walk(value, f"{prefix}{key}.")
+      else:
+        flat[prefix + key] = value
+  walk(config)
+  assert set(DESIGN_KEYS) <= set(flat)
+  recipe = {"batch_size": 8, "total_steps": 15000, "optim.lr": 1e-6, "optim.schedule": "constant",
+            "optim.warmup_steps": 0, "optim.b1": 0.9, "optim.b2": 0.999, "optim.eps": 1e-8,
+            "optim.weight_decay": 1e-2, "optim.max_grad_norm": 1.0, "loss.beta": 1000.0,
+            "loss.alpha": 500.0, "loss.gamma1": 1.0, "loss.gamma2": 0.5, "loss.name": "livo",
+            "data.resolution": 512, "data.center_crop": True, "data.random_flip": True,
+            "checkpoint_every": 1000, "keep_checkpoints": 20, "eval.every": 1000}
+  assert {k: flat[k] for k in recipe} == recipe
