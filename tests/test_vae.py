@@ -124,10 +124,12 @@ def test_bfloat16_compute_is_close_to_float32(full):
       assert error.max() <= 1e-1 * np.abs(b).max()
 
 
-def test_sample_latent_draws_from_the_posterior():
+def test_sample_latent_is_mean_plus_std_times_noise():
   mean = jnp.ones((4, 64, 64, 4))
   logvar = jnp.full_like(mean, np.log(4.0))  # std 2
-  sample = np.asarray(sample_latent(mean, logvar, jax.random.key(0)))
+  noise = jax.random.normal(jax.random.key(0), mean.shape)
+  sample = np.asarray(sample_latent(mean, logvar, noise))
+  np.testing.assert_allclose(sample, 1 + 2 * np.asarray(noise), rtol=1e-6)
   assert abs(sample.mean() - 1) < 0.05 and abs(sample.std() - 2) < 0.05
 
 
