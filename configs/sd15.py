@@ -35,6 +35,7 @@ def get_config(arg=None):
   config.model.value_encoder_init = ""   # HF CLIPTextModel folder; "" = the SD text encoder
   config.model.remat = True              # rematerialise UNet blocks in the backward pass
   config.model.attention_impl = ""       # jax.nn.dot_product_attention's: "" (auto), xla, cudnn
+  config.model.shard_frozen = False      # True: split the frozen UNet/VAE/text encoder over fsdp
 
   config.dtype = "bfloat16"              # compute dtype of the frozen nets: bfloat16 / float32
 
@@ -48,6 +49,7 @@ def get_config(arg=None):
   config.data.cache_latents = False      # precompute VAE moments once (needs center_crop)
   config.data.num_threads = 4            # image decoding threads per process
   config.data.prefetch = 2               # batches decoded ahead
+  config.data.log_positions = False      # write data_positions/process_<i>.jsonl (audit)
 
   config.batch_size = 8                  # global batch, split over all devices
   config.total_steps = 15_000
@@ -83,6 +85,8 @@ def get_config(arg=None):
   config.checkpoint_every = 1000
   config.keep_checkpoints = 20
   config.log_every = 1
+  # JAX's persistent compilation cache: a restart loads the compiled step. "" = off.
+  config.compilation_cache_dir = "~/.cache/livo_jax/compilation"
 
   config.eval = ml_collections.ConfigDict()
   config.eval.every = 1000               # 0: never

@@ -21,12 +21,14 @@ BATCH_AXES = MESH_AXES          # the batch dimension is split over every device
 FSDP = "fsdp"                   # rule value: split the largest axis that `fsdp` divides
 REPLICATED = "replicated"
 
-# Matrices (projections, embeddings) are split over `fsdp`; vectors (biases, norm scales) and
-# scalars (step counts) are small and stay replicated.
-VALUE_ENCODER_RULES = (
+# Matrices and conv kernels (projections, embeddings) are split over `fsdp`; vectors (biases,
+# norm scales) and scalars (step counts) are small and stay replicated. The value encoder and its
+# optimizer state always follow these rules; the frozen nets do with `model.shard_frozen`.
+FSDP_RULES = (
     (r".*(kernel|embedding)$", FSDP),
     (r".*", REPLICATED),
 )
+REPLICATED_RULES = ((r".*", REPLICATED),)
 
 
 def make_mesh(data: int, fsdp: int, devices: Sequence[Any] | None = None) -> Mesh:
@@ -80,7 +82,7 @@ def _spec(rule: str, shape: tuple, fsdp_size: int) -> P:
   raise ValueError(f"unknown partition rule {rule!r}")
 
 
-def tree_shardings(mesh: Mesh, tree, rules=VALUE_ENCODER_RULES):
+def tree_shardings(mesh: Mesh, tree, rules=FSDP_RULES):
   """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs), by `rules`."""
   fsdp_size = mesh.shape[FSDP]
   compiled = [(re.compile(pattern), rule) for pattern, rule in rules]
@@ -97,6 +99,15 @@ def tree_shardings(mesh: Mesh, tree, rules=VALUE_ENCODER_RULES):
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def to_host(mesh: Mesh, tree):
+  """A full numpy copy of a (possibly sharded, multi-host) tree on every process.
+
+  Every process must call it (it gathers over the mesh).
+  """
+  gathered = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), gathered)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

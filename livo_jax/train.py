@@ -31,6 +31,7 @@ from livo_jax import checkpoint
 from livo_jax import conditioning
 from livo_jax import data
 from livo_jax import losses
+from livo_jax import runtime
 from livo_jax import sampling
 from livo_jax import schedulers
 from livo_jax import sharding
@@ -354,6 +355,24 @@ class MetricsWriter:
       self.tensorboard.close()
 
 
+class PositionLog:
+  """`data_positions/process_<i>.jsonl`: which stream positions this process read at each step
+  (`data.log_positions`), to audit the data split between processes."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    folder = os.path.join(workdir, "data_positions")
+    os.makedirs(folder, exist_ok=True)
+    self.path = os.path.join(folder, f"process_{jax.process_index()}.jsonl")
+    _truncate_metrics(self.path, resume_step)
+    self._file = open(self.path, "a")  # pylint: disable=consider-using-with
+
+  def write(self, step: int, positions: np.ndarray) -> None:
+    self._file.write(json.dumps(dict(step=step, positions=positions.tolist())) + "\n")
+
+  def close(self) -> None:
+    self._file.close()
+
+
 def _truncate_metrics(path: str, resume_step: int) -> None:
   """Drops lines after the checkpoint we resume from: those steps are about to be redone."""
   if not os.path.exists(path):
@@ -399,6 +418,7 @@ def train(config, workdir: str) -> dict:
   workdir = prepare_workdir(workdir)
   check_config(config, jax.device_count())
   _check_eval_config(config)
+  runtime.enable_compilation_cache(config.compilation_cache_dir)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   logging.info("mesh %s over %d devices", dict(mesh.shape), jax.device_count())
@@ -441,10 +461,12 @@ def train(config, workdir: str) -> dict:
   state_shardings = sharding.tree_shardings(mesh, state_shapes)
   state = jax.jit(init_state, out_shardings=state_shardings)(params)
 
+  # The frozen nets: replicated, or split over `fsdp` for bases too big to replicate.
   graphdefs, frozen = {"value_encoder": value_graphdef}, {}
   for name in ("text_encoder", "unet", "vae"):
     graphdefs[name], frozen[name] = nnx.split(getattr(models, name))
-  frozen_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)
+  frozen_rules = sharding.FSDP_RULES if config.model.shard_frozen else sharding.REPLICATED_RULES
+  frozen_shardings = sharding.tree_shardings(mesh, frozen, frozen_rules)
   frozen = jax.device_put(frozen, frozen_shardings)
 
   train_step = jax.jit(
@@ -463,6 +485,8 @@ def train(config, workdir: str) -> dict:
     batches.set_state(data_state)
     logging.info("resumed from step %d", start)
   writer = MetricsWriter(workdir, start, is_main)
+  positions = PositionLog(workdir, start) if config.data.log_positions else None
+  preemption = runtime.PreemptionWatch()
 
   def log(step: int, device_metrics, seconds: float, steps: int) -> dict:
     metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
@@ -473,9 +497,17 @@ def train(config, workdir: str) -> dict:
   last_metrics, pending = {}, None
   progress = _progress_bar(config.total_steps, start, enabled=is_main)
   timer = (time.perf_counter(), start)
+  stopped_early = False
   for step in range(start + 1, config.total_steps + 1):
-    batch = sharding.global_batch(mesh, next(batches))
+    local_batch = next(batches)
+    if positions:
+      positions.write(step, local_batch["position"])
+    batch = sharding.global_batch(mesh, local_batch)
     state, metrics = train_step(state, frozen, batch)
+    if step == start + 1:
+      jax.block_until_ready(metrics)
+      logging.info("first step (with compilation, or a compilation-cache hit) took %.1f s",
+                   time.perf_counter() - timer[0])
     # Metrics of the previous logged step are fetched after this step is dispatched, so the
     # host never waits on the device in between.
     if pending is not None:
@@ -488,25 +520,37 @@ def train(config, workdir: str) -> dict:
       timer = (now, step)
     progress.update(1)
 
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
+    # A preemption (SIGTERM) stops every process at the same step, after a checkpoint.
+    stopped_early = preemption.reached(step)
+    if (step % config.checkpoint_every == 0 or step == config.total_steps or stopped_early):
       checkpoints.save(step, state, batches.get_state())
-    if is_main and config.eval.every and (step % config.eval.every == 0
-                                          or step == config.total_steps):
-      nnx.update(models.value_encoder, state["params"])
-      grid = validation_grid(models, config)
-      _save_png(grid, os.path.join(workdir, "images", f"step_{step:06d}.png"))
-      writer.image("validation", grid, step)
+    if stopped_early:
+      logging.warning("preempted: checkpoint saved at step %d; rerun to resume", step)
+      break
+    if config.eval.every and (step % config.eval.every == 0 or step == config.total_steps):
+      params = sharding.to_host(mesh, state["params"])     # on every process: a gather
+      if is_main:
+        nnx.update(models.value_encoder, params)
+        grid = validation_grid(models, config)
+        _save_png(grid, os.path.join(workdir, "images", f"step_{step:06d}.png"))
+        writer.image("validation", grid, step)
 
   if pending is not None:
     last_metrics = log(*pending)
   progress.close()
+  preemption.close()
   checkpoints.close()
-  if is_main:
-    nnx.update(models.value_encoder, jax.device_get(state["params"]))
-    checkpoint.export_value_encoder(models.value_encoder, os.path.join(workdir, "value_encoder"),
-                                    models.value_encoder_config)
-    logging.info("value encoder written to %s", os.path.join(workdir, "value_encoder"))
+  if not stopped_early:
+    params = sharding.to_host(mesh, state["params"])
+    if is_main:
+      nnx.update(models.value_encoder, params)
+      checkpoint.export_value_encoder(models.value_encoder,
+                                      os.path.join(workdir, "value_encoder"),
+                                      models.value_encoder_config)
+      logging.info("value encoder written to %s", os.path.join(workdir, "value_encoder"))
   writer.close()
+  if positions:
+    positions.close()
   return last_metrics
 
 

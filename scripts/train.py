@@ -4,7 +4,10 @@ r"""Trains a LiVO value encoder against a frozen Stable Diffusion.
       --config.model.pretrained=/path/to/sd15 --config.data.train_dir=/path/to/livo_data
 
 Any config key can be overridden with `--config.KEY=VALUE`; an unknown key is an error. A rerun
-with the same workdir resumes from its latest checkpoint.
+with the same workdir resumes from its latest checkpoint; SIGTERM (a preemption) saves one at the
+next step and exits cleanly. Multi-process runs add `--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I` to each process's command, or take them from the Cloud TPU or
+SLURM environment (docs/multihost.md).
 """
 
 import logging
@@ -16,6 +19,7 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from livo_jax import runtime
 from livo_jax import train
 from livo_jax.errors import ConfigError, DataError, WeightsError
 
@@ -23,6 +27,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and exports go",
                                required=True)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "multi-process runs: HOST:PORT of process 0 (TPU pods and SLURM "
+    "allocations are detected without it)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process runs: how many")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process runs: this one's index")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "multi-process runs: let JAX detect the cluster (Cloud TPU, SLURM)")
 
 
 def parse_flags(argv):
@@ -48,6 +59,8 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   absl_logging.set_verbosity(absl_logging.WARNING)   # orbax's and grain's per-save chatter
   try:
+    runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                   detect=_DISTRIBUTED.value)
     train.train(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DataError, WeightsError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")

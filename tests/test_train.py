@@ -20,7 +20,7 @@ import transformers
 from livo_jax import train
 from livo_jax.errors import ConfigError
 from livo_data_fixture import write_livo_data
-from train_fixtures import load_config
+from train_fixtures import assert_losses_follow, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESIGN_METRICS = ("step", "loss", "loss_theta_w", "loss_ref_w", "loss_theta_l", "loss_ref_l",
@@ -49,20 +49,6 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def read_weights(workdir: str) -> dict[str, np.ndarray]:
   return safetensors.numpy.load_file(os.path.join(workdir, "value_encoder", "model.safetensors"))
-
-
-def assert_losses_follow(ours: list[dict], reference: list[dict]):
-  """The four MSE curves to 1e-6; the hinge loss to 5e-4.
-
-  The hinge multiplies error differences by beta = 1000: one float32 ulp of an error (~1e-7 of
-  ~1.4) already moves it by ~1e-4, whatever the batch split or summation order. (The float64
-  parity test in test_losses.py holds the loss formula itself to 1e-5.)
-  """
-  assert [m["step"] for m in ours] == [m["step"] for m in reference[:len(ours)]]
-  for got, want in zip(ours, reference):
-    for key in ("loss_theta_w", "loss_ref_w", "loss_theta_l", "loss_ref_l"):
-      assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
-    assert got["loss"] == pytest.approx(want["loss"], rel=5e-4), got["step"]
 
 
 @pytest.fixture(scope="module")
@@ -130,28 +116,34 @@ def test_latent_cache_matches_pixels(straight, make_config, tmp_path):
 
 
 _SHARDED_RUN = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     sys.path[:0] = {paths!r}
     import jax
-    from livo_jax import sharding, train
-    from train_fixtures import load_config
-    assert jax.device_count() == 8
-    config = load_config({sd!r}, {data!r}, **{overrides!r})
-    train.train(config, {workdir!r})
-    # How the rules place the value encoder's weights on this mesh.
-    models = train.load_models(config)
     from flax import nnx
-    _, params = nnx.split(models.value_encoder)
+    from livo_jax import sharding, train
+    from train_fixtures import assert_losses_follow, load_config
+    assert jax.device_count() == 8
+    for shard_frozen in (False, True):
+      config = load_config({sd!r}, {data!r}, **{overrides!r},
+                           **{{"model.shard_frozen": shard_frozen}})
+      train.train(config, os.path.join({workdir!r}, f"shard_frozen_{{shard_frozen}}"))
+    # How the rules place the weights on this mesh.
+    models = train.load_models(config)
     mesh = sharding.make_mesh(4, 2)
-    specs = {{sharding.path_name(path): str(s.spec) for path, s in
-              jax.tree_util.tree_flatten_with_path(sharding.tree_shardings(mesh, params))[0]}}
+    specs = {{}}
+    for name in ("value_encoder", "unet"):
+      _, params = nnx.split(getattr(models, name))
+      for path, s in jax.tree_util.tree_flatten_with_path(
+          sharding.tree_shardings(mesh, params))[0]:
+        specs[name + "/" + sharding.path_name(path)] = str(s.spec)
     print("SPECS " + json.dumps(specs))
 """)
 
 
 def test_sharded_run_follows_one_device(straight, make_config, sd_folder, train_dir,
                                         tmp_path):
-  """8 CPU devices, data 4 x fsdp 2, same global batch and seed: the 1-device loss curve."""
+  """8 CPU devices, data 4 x fsdp 2, same global batch and seed: the 1-device loss curves,
+  with the frozen nets replicated and with them split over fsdp."""
   overrides = {"data.cache_dir": make_config().data.cache_dir, **RUN, "total_steps": 3,
                "mesh.data": 4, "mesh.fsdp": 2}
   script = _SHARDED_RUN.format(paths=[REPO, os.path.join(REPO, "tests")], sd=sd_folder,
@@ -160,13 +152,16 @@ def test_sharded_run_follows_one_device(straight, make_config, sd_folder, train_
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                        timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert_losses_follow(read_metrics(str(tmp_path)), read_metrics(straight))
+  for shard_frozen in (False, True):
+    assert_losses_follow(read_metrics(str(tmp_path / f"shard_frozen_{shard_frozen}")),
+                         read_metrics(straight))
   specs = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("SPECS "))[6:])
   # Matrices are split over fsdp along their largest axis; vectors stay replicated.
-  fc1 = "encoder/layers/0/mlp/fc1"                    # kernel [32, 48]
+  fc1 = "value_encoder/encoder/layers/0/mlp/fc1"          # kernel [32, 48]
   assert specs[f"{fc1}/kernel"] == "P(None, 'fsdp')"
-  assert specs["embeddings/token_embedding/embedding"] == "P('fsdp',)"
+  assert specs["value_encoder/embeddings/token_embedding/embedding"] == "P('fsdp',)"
   assert specs[f"{fc1}/bias"] == "P()"
+  assert specs["unet/conv_in/kernel"] == "P(None, None, None, 'fsdp')"   # [3, 3, 4, 16]
 
 
 @pytest.mark.parametrize("overrides,message", [
