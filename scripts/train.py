@@ -16,7 +16,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from livo_jax import runtime
@@ -57,7 +56,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.getLogger().setLevel(logging.INFO)
-  absl_logging.set_verbosity(absl_logging.WARNING)   # orbax's and grain's per-save chatter
+  # orbax and grain log every save and read through absl's logger; ours is the root logger.
+  logging.getLogger("absl").setLevel(logging.WARNING)
   try:
     runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                    detect=_DISTRIBUTED.value)
