@@ -37,6 +37,7 @@ import tqdm
 from PIL import Image
 
 from livo_jax import sampling
+from livo_jax.data import livo_data
 from livo_jax.data.livo_data import METADATA
 from livo_jax.errors import DataError
 
@@ -107,14 +108,7 @@ def _check_field(name: str, value) -> None:
 
 def _parse_line(raw: bytes) -> dict:
   """One spec line -> its fields, checked; raises ValueError with the reason."""
-  try:
-    obj = json.loads(raw.decode("utf-8"))
-  except UnicodeDecodeError as e:
-    raise ValueError(f"not UTF-8 ({e.reason})") from None
-  except json.JSONDecodeError as e:
-    raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-  if not isinstance(obj, dict):
-    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+  obj = livo_data.json_object(raw)
   unknown = sorted(set(obj) - set(_REQUIRED) - set(_OPTIONAL))
   if unknown:
     raise ValueError(f"unknown field {unknown[0]!r} (known: {', '.join(_REQUIRED)}, "

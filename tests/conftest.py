@@ -19,3 +19,10 @@ def sd_folder(tmp_path_factory):
   folder = str(tmp_path_factory.mktemp("tiny_sd"))
   tiny_sd.make_sd_folder(folder, seed=0)
   return folder
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+  """A small raw livo_data folder (livo_data_fixture), one per test module."""
+  import livo_data_fixture  # pylint: disable=g-import-not-at-top
+  return livo_data_fixture.write_livo_data(str(tmp_path_factory.mktemp("raw") / "livo_data"))

@@ -21,6 +21,10 @@ ALIGNED_RGB = (40, 60, 200)
 VIOLATING_RGB = (200, 50, 40)
 
 
+def quiet(_):
+  """A `log` that prints nothing."""
+
+
 def write_livo_data(root: str, scenes=SCENES, size: tuple[int, int] = (24, 20),
                     seed: int = 0) -> str:
   """Writes `root/<type_dir>/<scene_dir>/{metadata.jsonl, images}`; returns root.

@@ -10,19 +10,11 @@ import pytest
 from PIL import Image
 
 import livo_data_fixture as fixture
+from livo_data_fixture import quiet
 from livo_jax import data
 from livo_jax.data import livo_data
 from livo_jax.data import builder
 from livo_jax.errors import DataError
-
-
-def quiet(_):
-  pass
-
-
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory):
-  return fixture.write_livo_data(str(tmp_path_factory.mktemp("raw") / "livo_data"))
 
 
 @pytest.fixture(scope="module")

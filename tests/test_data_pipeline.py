@@ -12,20 +12,12 @@ import transformers
 from PIL import Image
 
 import livo_data_fixture as fixture
+from livo_data_fixture import quiet
 import tiny_sd
 from livo_jax import data
 
 R = 16           # the fixture's 24x20 images resize to 19x16: 4 horizontal crop offsets
 N_ALIGNED = 7
-
-
-def quiet(_):
-  pass
-
-
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory):
-  return fixture.write_livo_data(str(tmp_path_factory.mktemp("raw") / "livo_data"))
 
 
 @pytest.fixture(scope="module")

@@ -86,8 +86,11 @@ def fingerprint(train_dir: str, *, skip_bad: bool) -> str:
   return h.hexdigest()[:16]
 
 
-def _parse_line(raw: bytes) -> dict:
-  """One metadata line -> its fields; raises ValueError with the reason."""
+def json_object(raw: bytes) -> dict:
+  """One line of a jsonl file -> its JSON object; raises ValueError with the reason.
+
+  (Also the dataset tool's spec reader: both name the file and line around the reason.)
+  """
   try:
     obj = json.loads(raw.decode("utf-8"))
   except UnicodeDecodeError as e:
@@ -96,6 +99,12 @@ def _parse_line(raw: bytes) -> dict:
     raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
   if not isinstance(obj, dict):
     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+  return obj
+
+
+def _parse_line(raw: bytes) -> dict:
+  """One metadata line -> its fields; raises ValueError with the reason."""
+  obj = json_object(raw)
   for field in _FIELDS + ("label",):
     if field not in obj:
       raise ValueError(f"missing field {field!r}")
