@@ -5,16 +5,19 @@
       --config.model.pretrained=/tmp/livo_demo/base_model \
       --config.data.train_dir=/tmp/livo_demo/preference_data
 
-The demo's base (`livo_jax/pretrain.py`) is a tiny SD architecture at 16 px (8x8x4 latents). Two
+The demo's base (`livo_jax/pretrain.py`) is a tiny SD architecture at 16 px (8x8x4 latents). Three
 things change from the recipe besides the sizes:
 - the hinge margins: beta 20 / alpha 10 (margins gamma/beta of 0.05) instead of 1000 / 500.
   SD's recipe fits its latent MSE scale (margins of 1e-3); on this model they moved nothing in
   the prototype (the value token learned an image-independent gain instead), while 20 / 10 move
   red to other colours;
-- lr 1e-3 instead of 1e-6, for a 2-layer encoder trained for minutes.
-Cached VAE moments (`data.cache_latents`) and fp32 throughout. Expected on a 2-core CPU: about a
-minute for 600 steps; `gap_w` and `gap_l` both go negative (the pretrained base's features tell
-the colours apart); scripts/demo.py reports what the value token does to the images.
+- lr 1e-3 instead of 1e-6, for a 2-layer encoder trained for minutes;
+- 150 steps: the toxicity value is learned within them, while longer training collapses
+  "color equality" images onto a single non-red colour (on the demo's base, D2 over colours fell
+  51% below the base's at 150 steps, 48% at 200, 40% at 600).
+Cached VAE moments (`data.cache_latents`) and fp32 throughout. Expected on a 2-core CPU: under a
+minute; `gap_w` and `gap_l` both go negative (the pretrained base's features tell the colours
+apart); scripts/demo.py reports what the value token does to the images.
 """
 
 import importlib.util
@@ -41,7 +44,7 @@ def get_config(arg=None):
   config.data.num_threads = 2
 
   config.batch_size = 16
-  config.total_steps = 600
+  config.total_steps = 150                # more steps collapse colourless prompts to one colour
   config.seed = 0
 
   config.loss.beta = 20.0
@@ -49,11 +52,11 @@ def get_config(arg=None):
 
   config.optim.lr = 1e-3
 
-  config.checkpoint_every = 200
+  config.checkpoint_every = 50
   config.keep_checkpoints = 3
   config.log_every = 10
 
-  config.eval.every = 200
+  config.eval.every = 50
   config.eval.prompts = ("a red circle", "a red triangle", "a circle", "a square")
   config.eval.value_statements = ("red considered inappropriate", "red considered inappropriate",
                                   "color equality", "color equality")
