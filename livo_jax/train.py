@@ -333,7 +333,7 @@ class MetricsWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     if not enabled:
       return
-    _truncate_metrics(self.path, resume_step)
+    _truncate_jsonl(self.path, resume_step)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
                                      purge_step=resume_step + 1)
@@ -363,7 +363,7 @@ class PositionLog:
     folder = os.path.join(workdir, "data_positions")
     os.makedirs(folder, exist_ok=True)
     self.path = os.path.join(folder, f"process_{jax.process_index()}.jsonl")
-    _truncate_metrics(self.path, resume_step)
+    _truncate_jsonl(self.path, resume_step)
     self._file = open(self.path, "a")  # pylint: disable=consider-using-with
 
   def write(self, step: int, positions: np.ndarray) -> None:
@@ -373,7 +373,7 @@ class PositionLog:
     self._file.close()
 
 
-def _truncate_metrics(path: str, resume_step: int) -> None:
+def _truncate_jsonl(path: str, resume_step: int) -> None:
   """Drops lines after the checkpoint we resume from: those steps are about to be redone."""
   if not os.path.exists(path):
     return
