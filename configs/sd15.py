@@ -34,7 +34,7 @@ def get_config(arg=None):
   config.model.pretrained = ""           # diffusers SD folder (required)
   config.model.value_encoder_init = ""   # HF CLIPTextModel folder; "" = the SD text encoder
   config.model.remat = True              # rematerialise UNet blocks in the backward pass
-  config.model.attention_impl = ""       # jax.nn.dot_product_attention's: "" (auto), xla, cudnn
+  config.model.attention_impl = ""       # "" (per platform), blocked, cudnn, xla
   config.model.shard_frozen = False      # True: split the frozen UNet/VAE/text encoder over fsdp
 
   config.dtype = "bfloat16"              # compute dtype of the frozen nets: bfloat16 / float32

@@ -227,7 +227,8 @@ class CLIPTextModel(nnx.Module):
     param_dtype: storage dtype of freshly initialised parameters.
     remat: recompute each transformer layer in the backward pass (saves activation memory when
       the model is trained, as the value encoder is).
-    attention_impl: `implementation` for `jax.nn.dot_product_attention`.
+    attention_impl: attention implementation (`livo_jax.models.attention`; None: the
+      platform's best).
   """
 
   def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -325,7 +326,8 @@ class CLIPModel(nnx.Module):
     dtype: compute dtype.
     param_dtype: storage dtype of freshly initialised parameters.
     remat: recompute each transformer layer of both towers in the backward pass.
-    attention_impl: `implementation` for `jax.nn.dot_product_attention`.
+    attention_impl: attention implementation (`livo_jax.models.attention`; None: the
+      platform's best).
   """
 
   def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from livo_jax.models import attention
+
 
 @dataclasses.dataclass(frozen=True)
 class Init:
@@ -54,15 +56,15 @@ def layer_norm(features: int, eps: float, init: Init) -> nnx.LayerNorm:
 def multi_head_attention(q, k, v, num_heads: int, *, is_causal: bool = False,
                          kv_lengths=None, upcast: bool = False,
                          implementation: str | None = None):
-  """Scaled dot-product attention over [B, T, D] inputs, through `jax.nn.dot_product_attention`.
+  """Scaled dot-product attention over [B, T, D] inputs (`attention.dot_product_attention`).
 
   Args:
     q: [B, Tq, D]; k, v: [B, Tk, D], with D = num_heads * head_dim.
     kv_lengths: optional [B] int, how many leading keys each row attends to (the rest are
       padding, exactly invisible).
     upcast: compute in float32 whatever the input dtype (diffusers' `upcast_attention`).
-    implementation: passed to `jax.nn.dot_product_attention` (None lets JAX choose; "cudnn"
-      selects the fused flash kernel on GPU).
+    implementation: "blocked", "cudnn", "xla" or None (the platform's best; see
+      `livo_jax.models.attention`).
   Returns:
     [B, Tq, D] in the dtype of `q`.
   """
@@ -70,9 +72,8 @@ def multi_head_attention(q, k, v, num_heads: int, *, is_causal: bool = False,
   if upcast:
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   split = lambda x: x.reshape(*x.shape[:2], num_heads, x.shape[-1] // num_heads)
-  out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal,
-                                     key_value_seq_lengths=kv_lengths,
-                                     implementation=implementation)
+  out = attention.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal,
+                                        kv_lengths=kv_lengths, implementation=implementation)
   return out.reshape(*out.shape[:2], -1).astype(out_dtype)
 
 

@@ -348,7 +348,8 @@ class UNet2DConditionModel(nnx.Module):
       param_dtype: storage dtype of the parameters.
       remat: rematerialise each down, mid and up block on the backward pass (less memory for
         gradients through the UNet, same outputs).
-      attention_impl: passed to `jax.nn.dot_product_attention` (None lets JAX choose).
+      attention_impl: "blocked", "cudnn", "xla" or None (the platform's best; see
+        `livo_jax.models.attention`).
     """
     init = layers.Init(rngs, dtype, param_dtype)
     channels = config.block_out_channels

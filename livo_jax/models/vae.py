@@ -217,8 +217,8 @@ class AutoencoderKL(nnx.Module):
       rngs: initialisers' randomness (use `nnx.eval_shape` to build without any).
       dtype: compute dtype.
       param_dtype: storage dtype of the parameters.
-      attention_impl: `jax.nn.dot_product_attention`'s `implementation` for the mid-block
-        attention (None lets JAX choose).
+      attention_impl: the mid-block attention's implementation ("blocked", "cudnn", "xla";
+        None: the platform's best, see `livo_jax.models.attention`).
     """
     self.config = config
     init = layers.Init(rngs, dtype, param_dtype)
