@@ -36,7 +36,7 @@ def _recipe():
 def get_config(arg=None):
   del arg
   config = _recipe()
-  config.model.remat = False
+  config.model.remat = "none"
   config.dtype = "float32"
 
   config.data.resolution = 16

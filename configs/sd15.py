@@ -33,7 +33,7 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict()
   config.model.pretrained = ""           # diffusers SD folder (required)
   config.model.value_encoder_init = ""   # HF CLIPTextModel folder; "" = the SD text encoder
-  config.model.remat = True              # rematerialise UNet blocks in the backward pass
+  config.model.remat = "blocks"          # kept for the backward pass: none / dots / blocks
   config.model.attention_impl = ""       # "" (per platform), blocked, cudnn, xla
   config.model.shard_frozen = False      # True: split the frozen UNet/VAE/text encoder over fsdp
 
@@ -47,6 +47,7 @@ def get_config(arg=None):
   config.data.random_flip = True
   config.data.skip_bad = False           # True: count and skip bad samples instead of refusing
   config.data.cache_latents = False      # precompute VAE moments once (needs center_crop)
+  config.data.cache_text = False         # precompute the prompts' text-encoder states once
   config.data.num_threads = 4            # image decoding threads per process
   config.data.prefetch = 2               # batches decoded ahead
   config.data.log_positions = False      # write data_positions/process_<i>.jsonl (audit)

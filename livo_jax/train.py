@@ -37,7 +37,7 @@ from livo_jax import schedulers
 from livo_jax import sharding
 from livo_jax.convert import read_config
 from livo_jax.errors import ConfigError
-from livo_jax.models import load_clip_text, load_unet, load_vae
+from livo_jax.models import layers, load_clip_text, load_unet, load_vae
 from livo_jax.models.vae import sample_latent
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -92,16 +92,23 @@ def latents(vae, batch: dict, draws: dict) -> tuple[jax.Array, jax.Array]:
   return one("w"), one("l")
 
 
-def preference_errors(value_encoder, text_encoder, unet, z_w, z_l, prompt_ids, value_ids,
-                      draws: dict, alphas_cumprod, settings: StepSettings,
-                      passes: tuple[str, ...]) -> dict:
+def prompt_states(text_encoder, batch: dict):
+  """The prompt's conditioning [B, 77, D]: the batch's cached hidden states (`prompt_embeds`,
+  from `data.cache_text`) or the frozen text encoder's output. Never differentiated."""
+  if "prompt_embeds" in batch:
+    return jax.lax.stop_gradient(batch["prompt_embeds"])
+  return jax.lax.stop_gradient(text_encoder(batch["prompt_ids"])[0])
+
+
+def preference_errors(value_encoder, unet, z_w, z_l, text, value_ids, draws: dict,
+                      alphas_cumprod, settings: StepSettings, passes: tuple[str, ...]) -> dict:
   """The per-sample denoising errors [B] of the UNet passes an objective needs.
 
-  theta_*: conditioned on `[value_token, text]` (78 tokens); ref_*: on the plain prompt (77
-  tokens), under stop_gradient. Errors are weighted by min-SNR when `snr_gamma` > 0.
+  theta_*: conditioned on `[value_token, text]` (78 tokens); ref_*: on the plain prompt's
+  states `text` (77 tokens), under stop_gradient. Errors are weighted by min-SNR when
+  `snr_gamma` > 0.
   """
   t = draws["timesteps"]
-  text = jax.lax.stop_gradient(text_encoder(prompt_ids)[0])          # [B, 77, D]
   noisy = {side: schedulers.add_noise(alphas_cumprod, z, draws["noised_with"], t)
            for side, z in (("w", z_w), ("l", z_l))}
   target = {side: losses.prediction_target(settings.prediction_type, alphas_cumprod, z,
@@ -151,19 +158,19 @@ def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedule:
     text_encoder, unet, vae = (nnx.merge(graphdefs[k], frozen[k])
                                for k in ("text_encoder", "unet", "vae"))
     rng, step_rng = jax.random.split(state["rng"])
-    batch_size = batch["prompt_ids"].shape[0]
+    batch_size = batch["value_ids"].shape[0]
     latent_shape = _latent_shape(batch, vae)
     draws = draw_noise(step_rng, batch_size, latent_shape, len(alphas_cumprod), settings)
     z_w, z_l = latents(vae, batch, draws)
 
     def loss_fn(params, micro):
       value_encoder = nnx.merge(graphdefs["value_encoder"], params)
-      errors = preference_errors(value_encoder, text_encoder, unet, micro["z_w"], micro["z_l"],
-                                 micro["prompt_ids"], micro["value_ids"], micro["draws"],
-                                 alphas_cumprod, settings, passes)
+      errors = preference_errors(value_encoder, unet, micro["z_w"], micro["z_l"], micro["text"],
+                                 micro["value_ids"], micro["draws"], alphas_cumprod, settings,
+                                 passes)
       return loss_fn_of(errors, **objective_kwargs)
 
-    inputs = dict(z_w=z_w, z_l=z_l, prompt_ids=batch["prompt_ids"],
+    inputs = dict(z_w=z_w, z_l=z_l, text=prompt_states(text_encoder, batch),
                   value_ids=batch["value_ids"], draws=draws)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     k = settings.grad_accum_steps
@@ -233,6 +240,9 @@ def check_config(config, num_devices: int) -> None:
     section, name = key.split(".")
     if not config[section][name]:
       raise ConfigError(f"{key} is required (--config.{key}=PATH)")
+  if config.model.remat not in layers.REMAT_POLICIES:
+    raise ConfigError(f"model.remat = {config.model.remat!r}: expected one of "
+                      f"{layers.REMAT_POLICIES}")
   if config.dtype not in _DTYPES:
     raise ConfigError(f"dtype = {config.dtype!r}: expected one of {tuple(_DTYPES)}")
   if config.loss.name not in losses.OBJECTIVES:
@@ -320,6 +330,18 @@ def _vae_encode_fn(vae, mesh):
 
   state = jax.device_put(state, sharding.replicated(mesh))
   return lambda pixels: np.asarray(encode(state, pixels))
+
+
+def _text_encode_fn(text_encoder, tokenizer, mesh):
+  """A jitted prompts -> last hidden states function for the text cache."""
+  graphdef, state = nnx.split(text_encoder)
+
+  @jax.jit
+  def encode(state, ids):
+    return nnx.merge(graphdef, state)(ids)[0].astype(jnp.float32)
+
+  state = jax.device_put(state, sharding.replicated(mesh))
+  return lambda prompts: np.asarray(encode(state, conditioning.tokenize(tokenizer, prompts)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,11 +463,18 @@ def train(config, workdir: str) -> dict:
                                  resolution=config.data.resolution,
                                  random_flip=config.data.random_flip, key=vae_key,
                                  log=logging.info)
+  text = None       # optionally, the prompts' hidden states computed once
+  if config.data.cache_text:
+    text_key = f"{os.path.abspath(config.model.pretrained)}/text_encoder-{config.dtype}"
+    text = data.cache_text_embeddings(
+        source, _text_encode_fn(models.text_encoder, models.tokenizer, mesh), key=text_key,
+        log=logging.info)
   batches = data.train_iterator(
       source, tokenizer=models.tokenizer, resolution=config.data.resolution,
       center_crop=config.data.center_crop, random_flip=config.data.random_flip,
       global_batch=config.batch_size, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), moments=moments, num_threads=config.data.num_threads,
+      process_count=jax.process_count(), moments=moments, text=text,
+      num_threads=config.data.num_threads,
       prefetch=config.data.prefetch)
 
   # Train state: the value encoder's params and optimizer state, split over `fsdp`.

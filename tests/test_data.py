@@ -263,3 +263,39 @@ def test_moments_cache_is_the_encoder_of_the_centre_crops(raw, prepared):
   assert sorted(os.listdir(folder)) == ["flipped.npy", "plain.npy"]
   assert folder.startswith(os.path.join(prepared, "latents", "tiny_vae-"))
   assert folder.endswith("-16px")
+
+
+def fake_text_encode(prompts):
+  """A stand-in text encoder: [n, 77, 4] filled from each prompt's characters."""
+  codes = [[ord(c) for c in p] for p in prompts]
+  return np.stack([np.resize(np.array(c, np.float32), (77, 4)) for c in codes])
+
+
+def test_text_cache_holds_each_distinct_prompt_once(raw, prepared):
+  source = data.PreferenceSource(prepared)
+  calls = []
+
+  def encode(prompts):
+    calls.append(list(prompts))
+    return fake_text_encode(prompts)
+
+  text = data.cache_text_embeddings(source, encode, key="tiny/text", batch_size=2, log=quiet)
+  prompts = sorted({line["prompt"] for line in fixture.read_metadata(raw)})
+  assert sorted(text.rows) == prompts and len(prompts) > 1
+  assert {len(c) for c in calls} == {2}                     # the last call is padded
+  for prompt in prompts:
+    np.testing.assert_array_equal(text.get(prompt), fake_text_encode([prompt])[0])
+  with pytest.raises(DataError, match="'a prompt of another dataset' is not in the text cache"):
+    text.get("a prompt of another dataset")
+
+  again = data.cache_text_embeddings(source, lambda p: pytest.fail("re-encoded"),
+                                     key="tiny/text", log=quiet)
+  np.testing.assert_array_equal(again.table, text.table)
+  folder = os.path.dirname(again.table.filename)
+  assert sorted(os.listdir(folder)) == ["embeddings.npy", "prompts.json"]
+
+  # A cache whose prompts are not this dataset's is refused, naming the folder.
+  with open(os.path.join(folder, "prompts.json"), "w") as f:
+    json.dump(prompts[:1], f)
+  with pytest.raises(DataError, match=re.escape(folder) + ".*delete it to recompute"):
+    data.cache_text_embeddings(source, encode, key="tiny/text", log=quiet)

@@ -14,7 +14,7 @@ from PIL import Image
 import livo_data_fixture as fixture
 from livo_data_fixture import quiet
 import tiny_sd
-from livo_jax import data
+from livo_jax import conditioning, data
 
 R = 16           # the fixture's 24x20 images resize to 19x16: 4 horizontal crop offsets
 N_ALIGNED = 7
@@ -214,6 +214,21 @@ def test_moments_stream_makes_the_same_draws_as_pixels(source, tokenizer):
       np.testing.assert_array_equal(m[k], p[k])
     np.testing.assert_allclose(m["moments_w"], fixture.pool_encode(p["pixels_w"]), atol=1e-5)
     np.testing.assert_allclose(m["moments_l"], fixture.pool_encode(p["pixels_l"]), atol=1e-5)
+
+
+def test_text_cache_adds_each_rows_prompt_states(source, tokenizer):
+  from test_data import fake_text_encode  # pylint: disable=g-import-not-at-top
+  text = data.cache_text_embeddings(source, fake_text_encode, key="chars", log=quiet)
+  from_cache = batches(iterator(source, tokenizer, seed=4, text=text), 3)
+  plain = batches(iterator(source, tokenizer, seed=4), 3)
+  for c, p in zip(from_cache, plain):
+    assert sorted(c) == sorted(list(p) + ["prompt_embeds"])
+    for k in p:
+      np.testing.assert_array_equal(c[k], p[k])
+    assert c["prompt_embeds"].shape == (4, 77, 4) and c["prompt_embeds"].dtype == np.float32
+    for ids, states in zip(c["prompt_ids"], c["prompt_embeds"]):   # each row's own prompt
+      prompt, = [q for q in text.rows if (conditioning.tokenize(tokenizer, [q])[0] == ids).all()]
+      np.testing.assert_array_equal(states, fake_text_encode([prompt])[0])
 
 
 def test_bad_arguments(source, tokenizer):

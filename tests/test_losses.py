@@ -91,9 +91,9 @@ def jax_errors(models, batch, draws, step_settings, params=None):
 
   def errors(params, batch, draws):
     z_w, z_l = train.latents(models.vae, batch, draws)
-    return train.preference_errors(nnx.merge(value_graphdef, params), models.text_encoder,
-                                   models.unet, z_w, z_l, batch["prompt_ids"],
-                                   batch["value_ids"], draws, acp, step_settings, PASSES)
+    text = train.prompt_states(models.text_encoder, batch)
+    return train.preference_errors(nnx.merge(value_graphdef, params), models.unet, z_w, z_l,
+                                   text, batch["value_ids"], draws, acp, step_settings, PASSES)
 
   return errors, (value_params if params is None else params), batch, draws
 

@@ -109,9 +109,11 @@ def test_gradient_accumulation_matches_full_batch(straight, make_config, tmp_pat
   assert_losses_follow(read_metrics(str(tmp_path)), read_metrics(straight))
 
 
-def test_latent_cache_matches_pixels(straight, make_config, tmp_path):
-  """Cached VAE moments (both flips) give the batches the pixel path encodes in the step."""
-  train.train(make_config(total_steps=2, **{"data.cache_latents": True}), str(tmp_path))
+def test_caches_match_the_step(straight, make_config, tmp_path):
+  """Cached VAE moments (both flips) and cached prompt states give the batches the step
+  computes from pixels and token ids."""
+  train.train(make_config(total_steps=2, **{"data.cache_latents": True, "data.cache_text": True}),
+              str(tmp_path))
   assert_losses_follow(read_metrics(str(tmp_path)), read_metrics(straight))
 
 
@@ -171,6 +173,7 @@ def test_sharded_run_follows_one_device(straight, make_config, sd_folder, train_
     ({"loss.prediction_type": "sample"}, "loss.prediction_type"),
     ({"optim.schedule": "linear"}, "optim.schedule"),
     ({"dtype": "float16"}, "dtype = 'float16'"),
+    ({"model.remat": "attention"}, "model.remat = 'attention'"),
     ({"data.cache_latents": True, "data.center_crop": False}, "center_crop"),
     ({"eval.every": 5, "eval.value_statements": ("a", "b", "c")}, "eval.value_statements"),
     ({"total_steps": 0}, "total_steps"),
@@ -226,7 +229,7 @@ def test_bad_data_names_file_and_line_and_keeps_the_workdir(sd_folder, tmp_path)
     {"loss.name": "dpo", "dtype": "bfloat16"},
     {"loss.name": "sft"},
     {"loss.prediction_type": "v_prediction", "loss.snr_gamma": 5.0, "loss.noise_offset": 0.1,
-     "loss.input_perturbation": 0.1, "model.remat": True},
+     "loss.input_perturbation": 0.1, "model.remat": "dots"},
 ])
 def test_objectives_in_the_step(make_config, overrides):
   """Each objective and option (bf16 frozen nets, UNet remat) compiles into the step and

@@ -157,7 +157,8 @@ def test_latent_size_must_divide_by_the_downsampling(sd2):
     sd2.forward(np.zeros((2, 10, 16, 4), np.float32), timesteps, context)
 
 
-def test_remat_changes_nothing(sd2):
+@pytest.mark.parametrize("policy", ["dots", "blocks"])
+def test_remat_changes_nothing(sd2, policy):
   latents, timesteps, context = sd2.inputs(context_len=7)
   cotangent = np.random.default_rng(3).standard_normal(latents.shape).astype(np.float32)
 
@@ -176,7 +177,7 @@ def test_remat_changes_nothing(sd2):
     return out, grad, str(traced.jaxpr)
 
   out, grad, jaxpr = output_and_context_grad(sd2.flax_model())
-  out_remat, grad_remat, jaxpr_remat = output_and_context_grad(sd2.flax_model(remat=True))
+  out_remat, grad_remat, jaxpr_remat = output_and_context_grad(sd2.flax_model(remat=policy))
   assert "remat" in jaxpr_remat and "remat" not in jaxpr
   # Measured 1.7e-6 of their scale for outputs and gradients: inside the rematerialised blocks
   # XLA fuses the attention's einsums differently (float32 rounding, not a different formula).

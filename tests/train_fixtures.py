@@ -10,7 +10,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 
 # The recipe on the tiny model: fp32, 16 px, batch 4, no eval images, no compilation cache.
-TINY = {"model.remat": False, "dtype": "float32", "data.resolution": 16, "data.num_threads": 1,
+TINY = {"model.remat": "none", "dtype": "float32", "data.resolution": 16, "data.num_threads": 1,
         "batch_size": 4, "total_steps": 4, "checkpoint_every": 2, "eval.every": 0,
         "eval.steps": 3, "compilation_cache_dir": ""}
 

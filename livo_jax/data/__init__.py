@@ -14,5 +14,7 @@ from livo_jax.data.latents import Moments, cache_moments
 from livo_jax.data.pipeline import train_iterator
 from livo_jax.data.builder import prepare
 from livo_jax.data.source import PreferenceSource
+from livo_jax.data.text_cache import TextEmbeddings, cache_text_embeddings
 
-__all__ = ["Moments", "PreferenceSource", "cache_moments", "prepare", "train_iterator"]
+__all__ = ["Moments", "PreferenceSource", "TextEmbeddings", "cache_moments",
+           "cache_text_embeddings", "prepare", "train_iterator"]

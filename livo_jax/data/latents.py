@@ -36,11 +36,11 @@ class Moments:
     return np.array((self.flipped if flip else self.plain)[record_id])
 
 
-def cache_folder(source: PreferenceSource, key: str, resolution: int) -> str:
-  """`<prepared>/latents/<readable key>-<key hash>-<resolution>px`."""
+def cache_folder(source: PreferenceSource, kind: str, key: str, suffix: str = "") -> str:
+  """`<prepared>/<kind>/<readable key>-<key hash><suffix>`: one folder per cached encoder."""
   readable = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[-48:]
   digest = hashlib.sha256(key.encode()).hexdigest()[:8]
-  return os.path.join(source.directory, "latents", f"{readable}-{digest}-{resolution}px")
+  return os.path.join(source.directory, kind, f"{readable}-{digest}{suffix}")
 
 
 def cache_moments(source: PreferenceSource, encode_fn: Callable[[np.ndarray], np.ndarray], *,
@@ -59,7 +59,7 @@ def cache_moments(source: PreferenceSource, encode_fn: Callable[[np.ndarray], np
     batch_size: images per encode_fn call.
     log: progress messages.
   """
-  folder = cache_folder(source, key, resolution)
+  folder = cache_folder(source, "latents", key, f"-{resolution}px")
   variants = ("plain", "flipped") if random_flip else ("plain",)
   paths = {v: os.path.join(folder, f"{v}.npy") for v in variants}
   missing = [v for v in variants if not os.path.isfile(paths[v])]

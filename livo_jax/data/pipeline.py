@@ -24,6 +24,7 @@ from livo_jax import conditioning
 from livo_jax.data import transforms
 from livo_jax.data.latents import Moments
 from livo_jax.data.source import PreferenceSource
+from livo_jax.data.text_cache import TextEmbeddings
 
 _TEXT = ("prompt", "value")
 
@@ -31,8 +32,8 @@ _TEXT = ("prompt", "value")
 def train_iterator(source: PreferenceSource, *, tokenizer: Any, resolution: int,
                    center_crop: bool = True, random_flip: bool = True, global_batch: int,
                    seed: int, process_index: int = 0, process_count: int = 1,
-                   moments: Moments | None = None, num_threads: int = 2,
-                   prefetch: int = 2) -> grain.DatasetIterator:
+                   moments: Moments | None = None, text: TextEmbeddings | None = None,
+                   num_threads: int = 2, prefetch: int = 2) -> grain.DatasetIterator:
   """This process's training batches, endless and checkpointable.
 
   Args:
@@ -46,6 +47,7 @@ def train_iterator(source: PreferenceSource, *, tokenizer: Any, resolution: int,
     process_index, process_count: this process p of P; P must divide B.
     moments: a latent cache (`cache_moments`): yield its moments instead of decoding images.
       Needs center_crop and, with random_flip, the cache's flipped variant.
+    text: a text cache (`cache_text_embeddings`): also yield each prompt's hidden states.
     num_threads: grain threads reading and decoding rows.
     prefetch: local batches read ahead.
   Returns:
@@ -54,6 +56,7 @@ def train_iterator(source: PreferenceSource, *, tokenizer: Any, resolution: int,
       pixels_w, pixels_l: float32 [b, R, R, 3] in [-1, 1] (without moments), or
       moments_w, moments_l: float32 [b, r, r, 2C] (with moments);
       prompt_ids, value_ids: int32 [b, 77], the prompt and "<value>, <prompt>" token ids;
+      prompt_embeds: float32 [b, 77, D] (with text), the prompt's cached hidden states;
       position: int64 [b], each row's position n in the global stream.
   """
   if global_batch <= 0 or process_count <= 0 or global_batch % process_count:
@@ -67,7 +70,7 @@ def train_iterator(source: PreferenceSource, *, tokenizer: Any, resolution: int,
     _check_moments(source, moments, resolution, center_crop, random_flip)
   local_batch = global_batch // process_count
   example = _Example(source, resolution=resolution, center_crop=center_crop,
-                     random_flip=random_flip, seed=seed, moments=moments)
+                     random_flip=random_flip, seed=seed, moments=moments, text=text)
   # Hashed so that seeds s and s + 1 do not share epochs (grain reseeds epoch e with seed + e).
   shuffle_seed = int(np.random.SeedSequence(seed, spawn_key=(0,)).generate_state(1)[0])
   stream = (grain.MapDataset.source(source)
@@ -100,12 +103,15 @@ class _Example:
   random_flip: bool
   seed: int
   moments: Moments | None
+  text: TextEmbeddings | None
 
   def __call__(self, position: int, aligned: dict) -> dict:
     rng = np.random.default_rng(np.random.SeedSequence([self.seed, position]))
     choices = self.source.violating(aligned["scene"])
     violating_id = int(choices[rng.integers(len(choices))])
     row = dict(prompt=aligned["prompt"], value=aligned["value"], position=np.int64(position))
+    if self.text is not None:
+      row["prompt_embeds"] = self.text.get(aligned["prompt"])
     if self.moments is None:
       row["pixels_w"] = self._pixels(aligned["image"], rng)
       row["pixels_l"] = self._pixels(self.source.record(violating_id)["image"], rng)

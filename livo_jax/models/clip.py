@@ -211,7 +211,7 @@ class CLIPEncoder(nnx.Module):
     self.layers = nnx.List([CLIPEncoderLayer(config, init, attention_impl, is_causal=is_causal)
                             for _ in range(config.num_hidden_layers)])
 
-  def __call__(self, x, *, remat: bool):  # [B, T, D] -> [B, T, D]
+  def __call__(self, x, *, remat: str):  # [B, T, D] -> [B, T, D]
     for layer in self.layers:
       x = layers.call(layer, x, remat=remat)
     return x
@@ -225,17 +225,18 @@ class CLIPTextModel(nnx.Module):
     rngs: initialisation randomness (weights are normally loaded over it).
     dtype: compute dtype.
     param_dtype: storage dtype of freshly initialised parameters.
-    remat: recompute each transformer layer in the backward pass (saves activation memory when
-      the model is trained, as the value encoder is).
+    remat: what each transformer layer keeps for the backward pass ("none", "dots", "blocks":
+      `layers.REMAT_POLICIES`); saves activation memory when the model is trained.
     attention_impl: attention implementation (`livo_jax.models.attention`; None: the
       platform's best).
   """
 
   def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None):
+               param_dtype=jnp.float32, remat: str = "none",
+               attention_impl: str | None = None):
     init = layers.Init(rngs, dtype, param_dtype)
     self.config = config
-    self.remat = remat
+    self.remat = layers.check_remat(remat)
     self.embeddings = CLIPTextEmbeddings(config, init)
     self.encoder = CLIPEncoder(config, init, attention_impl, is_causal=True)
     self.final_layer_norm = layers.layer_norm(config.hidden_size, config.layer_norm_eps, init)
@@ -294,10 +295,11 @@ class CLIPVisionModel(nnx.Module):
   """
 
   def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None):
+               param_dtype=jnp.float32, remat: str = "none",
+               attention_impl: str | None = None):
     init = layers.Init(rngs, dtype, param_dtype)
     self.config = config
-    self.remat = remat
+    self.remat = layers.check_remat(remat)
     self.embeddings = CLIPVisionEmbeddings(config, init)
     # Sic: HF's spelling, which the torch keys carry.
     self.pre_layrnorm = layers.layer_norm(config.hidden_size, config.layer_norm_eps, init)
@@ -325,13 +327,14 @@ class CLIPModel(nnx.Module):
     rngs: initialisation randomness (weights are normally loaded over it).
     dtype: compute dtype.
     param_dtype: storage dtype of freshly initialised parameters.
-    remat: recompute each transformer layer of both towers in the backward pass.
+    remat: what each transformer layer of both towers keeps for the backward pass.
     attention_impl: attention implementation (`livo_jax.models.attention`; None: the
       platform's best).
   """
 
   def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None):
+               param_dtype=jnp.float32, remat: str = "none",
+               attention_impl: str | None = None):
     init = layers.Init(rngs, dtype, param_dtype)
     tower = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat,
                  attention_impl=attention_impl)

@@ -42,10 +42,42 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, init: Init, *, s
                   param_dtype=init.param_dtype, rngs=init.rngs)
 
 
-def group_norm(channels: int, groups: int, eps: float, init: Init) -> nnx.GroupNorm:
-  # Two-pass variance, as torch computes it; statistics are taken in float32 by flax.
-  return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False,
-                       dtype=init.dtype, param_dtype=init.param_dtype, rngs=init.rngs)
+class GroupNorm(nnx.Module):
+  """Group normalisation over channels-last inputs [B, ..., C], torch's formula.
+
+  Statistics are float32 and two-pass (the variance of the centred input, as torch computes
+  it), reduced per channel over the spatial axes first and then per group: XLA's CPU backend
+  reduces that layout 3x faster than flax's `GroupNorm`, which reshapes to [B, ..., G, C/G].
+  """
+
+  def __init__(self, channels: int, groups: int, eps: float, init: Init):
+    if channels % groups:
+      raise ValueError(f"{channels} channels do not split into {groups} groups")
+    self.groups = groups
+    self.eps = eps
+    self.dtype = init.dtype
+    self.scale = nnx.Param(jnp.ones((channels,), init.param_dtype))
+    self.bias = nnx.Param(jnp.zeros((channels,), init.param_dtype))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    axes = tuple(range(1, x.ndim - 1))
+
+    def per_group(per_channel):   # [B, C] -> [B, 1, ..., 1, C], each group's mean
+      batch, channels = per_channel.shape
+      grouped = per_channel.reshape(batch, self.groups, channels // self.groups).mean(-1)
+      return jnp.repeat(grouped, channels // self.groups, axis=-1).reshape(
+          (batch,) + (1,) * len(axes) + (channels,))
+
+    centred = x32 - per_group(jnp.mean(x32, axis=axes))
+    variance = per_group(jnp.mean(jnp.square(centred), axis=axes))
+    y = centred * jax.lax.rsqrt(variance + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def group_norm(channels: int, groups: int, eps: float, init: Init) -> GroupNorm:
+  return GroupNorm(channels, groups, eps, init)
 
 
 def layer_norm(features: int, eps: float, init: Init) -> nnx.LayerNorm:
@@ -167,12 +199,26 @@ def _call(module, *args):
   return module(*args)
 
 
-# Recomputes everything inside the module on the backward pass. Tree mode: the forward pass
-# changes no state, and graph mode (flax 0.12's default) fails when the model is merged inside
-# `jax.grad`, which is how the trainer differentiates through the models.
-_call_rematerialised = nnx.remat(_call, graph_updates=False)
+# What a block keeps from its forward pass for the backward pass (`remat=`):
+#   "none": everything (fastest, most memory);
+#   "dots": the outputs of its convolutions and matmuls; norms, activations and attention
+#     softmaxes are recomputed;
+#   "blocks": only its inputs; the whole block is recomputed (least memory).
+REMAT_POLICIES = ("none", "dots", "blocks")
+
+# Tree mode: the forward pass changes no state, and graph mode (flax 0.12's default) fails when
+# the model is merged inside `jax.grad`, which is how the trainer differentiates through it.
+_rematerialised = {
+    "dots": nnx.remat(_call, policy=jax.checkpoint_policies.dots_saveable, graph_updates=False),
+    "blocks": nnx.remat(_call, graph_updates=False)}
 
 
-def call(module, *args, remat: bool):
-  """`module(*args)`, rematerialised on the backward pass when `remat`."""
-  return (_call_rematerialised if remat else _call)(module, *args)
+def check_remat(remat: str) -> str:
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat = {remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+  return remat
+
+
+def call(module, *args, remat: str):
+  """`module(*args)`, its activations kept for the backward pass as `remat` says."""
+  return _call(module, *args) if remat == "none" else _rematerialised[remat](module, *args)

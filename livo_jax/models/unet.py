@@ -339,15 +339,17 @@ class UNet2DConditionModel(nnx.Module):
   """
 
   def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: bool = False, attention_impl: str | None = None):
+               param_dtype=jnp.float32, remat: str = "none",
+               attention_impl: str | None = None):
     """Builds the UNet with random parameters (`livo_jax.convert` loads real ones).
 
     Args:
       config: the parsed `config.json`.
       dtype: compute dtype of every layer (the timestep sinusoids are computed in float32).
       param_dtype: storage dtype of the parameters.
-      remat: rematerialise each down, mid and up block on the backward pass (less memory for
-        gradients through the UNet, same outputs).
+      remat: what each down, mid and up block keeps for the backward pass: "none", "dots"
+        (conv and matmul outputs) or "blocks" (recompute the block); `layers.REMAT_POLICIES`.
+        Less memory for gradients through the UNet, same outputs.
       attention_impl: "blocked", "cudnn", "xla" or None (the platform's best; see
         `livo_jax.models.attention`).
     """
@@ -359,7 +361,7 @@ class UNet2DConditionModel(nnx.Module):
     n = len(channels)
     temb_channels = 4 * channels[0]
     self.config = config
-    self.remat = remat
+    self.remat = layers.check_remat(remat)
 
     self.conv_in = layers.conv(config.in_channels, channels[0], 3, init)
     self.time_embedding = TimestepEmbedding(channels[0], temb_channels, init)
