@@ -91,3 +91,13 @@ def test_query_block_sizes(monkeypatch):
   assert attention.query_block(batch_heads=32, queries=1024, keys=78) == 256
   assert attention.query_block(batch_heads=8, queries=64, keys=4096) == 32
   assert attention.query_block(batch_heads=1, queries=10, keys=10) == 16
+
+
+def test_float64_stays_float64():
+  with jax.enable_x64(True):
+    q, k, v = (x.astype(np.float64) for x in inputs(seed=4))
+    out = attention.blocked_attention(q, k, v)
+    assert out.dtype == jnp.float64
+    np.testing.assert_allclose(out, numpy_attention(q, k, v), atol=1e-12)
+    dq = jax.grad(lambda q: jnp.sum(attention.blocked_attention(q, k, v) ** 2))(q)
+    assert dq.dtype == jnp.float64

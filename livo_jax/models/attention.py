@@ -60,7 +60,8 @@ def blocked_attention(q, k, v, kv_lengths=None):
   Each block's [block, S] scores and softmax live only while that block is processed, so the
   working set stays in cache; the forward pass keeps only the output and each row's
   log-sum-exp, and the backward pass recomputes the block's probabilities from them. Scores and
-  softmax statistics are float32 whatever the input dtype. Queries are padded to a whole number
+  softmax statistics are at least float32 (float64 stays float64). Queries are padded to a whole
+  number
   of blocks (padded rows are dropped and get no gradient).
   """
   batch, queries, heads, _ = q.shape
@@ -80,9 +81,13 @@ def _from_blocks(x):           # [T / block, B, block, ...] -> [B, T, ...]
   return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
-def _scores(q, k, kv_lengths):  # [B, t, H, d], [B, S, H, d], [B] -> float32 [B, H, t, S]
+def _wide(dtype):              # the dtype of scores and statistics: at least float32
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _scores(q, k, kv_lengths):  # [B, t, H, d], [B, S, H, d], [B] -> wide [B, H, t, S]
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  s = jnp.einsum("bthd,bshd->bhts", q * scale, k, preferred_element_type=jnp.float32)
+  s = jnp.einsum("bthd,bshd->bhts", q * scale, k, preferred_element_type=_wide(q.dtype))
   if kv_lengths is None:
     return s
   visible = jnp.arange(k.shape[1]) < kv_lengths[:, None, None, None]
@@ -101,7 +106,7 @@ def _blocked_forward(q, k, v, kv_lengths, block):
     p = jnp.exp(s - row_max)
     row_sum = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bhts,bshd->bthd", p.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=_wide(q.dtype))
     out = out / jnp.swapaxes(row_sum, 1, 2)
     return out.astype(q.dtype), row_max + jnp.log(row_sum)
 
@@ -112,21 +117,21 @@ def _blocked_forward(q, k, v, kv_lengths, block):
 
 def _blocked_backward(block, residuals, d_out):
   q, k, v, kv_lengths, out, logsumexp = residuals
+  wide = _wide(q.dtype)
 
   def one(carry, xs):
     dk, dv = carry
     q_block, out_block, d_out_block, lse_block = xs
     p = jnp.exp(_scores(q_block, k, kv_lengths) - lse_block)                     # [B, H, t, S]
-    dv = dv + jnp.einsum("bhts,bthd->bshd", p, d_out_block.astype(jnp.float32))
-    dp = jnp.einsum("bthd,bshd->bhts", d_out_block, v, preferred_element_type=jnp.float32)
-    row_dot = jnp.sum(d_out_block.astype(jnp.float32) * out_block.astype(jnp.float32),
-                      axis=-1)                                        # [B, t, H]
+    dv = dv + jnp.einsum("bhts,bthd->bshd", p, d_out_block.astype(wide))
+    dp = jnp.einsum("bthd,bshd->bhts", d_out_block, v, preferred_element_type=wide)
+    row_dot = jnp.sum(d_out_block.astype(wide) * out_block.astype(wide), axis=-1)  # [B, t, H]
     ds = p * (dp - jnp.swapaxes(row_dot, 1, 2)[..., None]) * q.shape[-1] ** -0.5
-    dq = jnp.einsum("bhts,bshd->bthd", ds, k.astype(jnp.float32))
-    dk = dk + jnp.einsum("bhts,bthd->bshd", ds, q_block.astype(jnp.float32))
+    dq = jnp.einsum("bhts,bshd->bthd", ds, k.astype(wide))
+    dk = dk + jnp.einsum("bhts,bthd->bshd", ds, q_block.astype(wide))
     return (dk, dv), dq.astype(q.dtype)
 
-  zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  zeros = (jnp.zeros(k.shape, wide), jnp.zeros(v.shape, wide))
   (dk, dv), dq = jax.lax.scan(
       one, zeros, (_to_blocks(q, block), _to_blocks(out, block), _to_blocks(d_out, block),
                    logsumexp))
