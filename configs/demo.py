@@ -13,8 +13,9 @@ things change from the recipe besides the sizes:
   red to other colours;
 - lr 1e-3 instead of 1e-6, for a 2-layer encoder trained for minutes;
 - 150 steps: the toxicity value is learned within them, while longer training collapses
-  "color equality" images onto a single non-red colour (on the demo's base, D2 over colours fell
-  51% below the base's at 150 steps, 48% at 200, 40% at 600).
+  "color equality" images onto a single non-red colour (on an earlier base, D2 over colours
+  fell 51% below the base's at 150 steps, 48% at 200, 40% at 600; on the current one 65% at
+  150).
 Cached VAE moments (`data.cache_latents`) and fp32 throughout. Expected on a 2-core CPU: under a
 minute; `gap_w` and `gap_l` both go negative (the pretrained base's features tell the colours
 apart); scripts/demo.py reports what the value token does to the images.
