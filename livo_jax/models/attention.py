@@ -39,8 +39,8 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, kv_lengths=None,
   if implementation is None and backend == "gpu":
     try:
       return call(implementation="cudnn")
-    except NotImplementedError:   # raised at trace time: cuDNN does not take this shape/dtype
-      pass
+    except (NotImplementedError, RuntimeError):   # at trace time: cuDNN does not take this
+      pass                                        # shape or dtype, or is not there (ROCm)
   return call(implementation="cudnn" if implementation == "cudnn" else "xla")
 
 
