@@ -61,8 +61,7 @@ def blocked_attention(q, k, v, kv_lengths=None):
   working set stays in cache; the forward pass keeps only the output and each row's
   log-sum-exp, and the backward pass recomputes the block's probabilities from them. Scores and
   softmax statistics are at least float32 (float64 stays float64). Queries are padded to a whole
-  number
-  of blocks (padded rows are dropped and get no gradient).
+  number of blocks (padded rows are dropped and get no gradient).
   """
   batch, queries, heads, _ = q.shape
   block = query_block(batch * heads, queries, k.shape[1])
