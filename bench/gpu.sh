@@ -10,7 +10,10 @@
 # lacks can be installed from wheels in .whl/ (bench/gpu_wheels.txt lists those a stock
 # JAX + torch CUDA image misses; docs/performance.md has the download command).
 # Time on an H100 (budget): train ~7 min (random SD 1.5 folder ~1 min, torch ~1 min, each
-# variant ~1.5 min: loading and XLA compilation), sample ~2 min, data ~1 min.
+# variant ~1.5 min: loading and XLA compilation), sample ~2 min, data ~1 min. Where one command
+# may run 10 minutes at most, run it as two, into a folder that outlives both, e.g.
+#   bash bench/gpu.sh /tmp/gpu train; cp /tmp/gpu/* "$OUT"
+#   bash bench/gpu.sh /tmp/gpu sample data; cp /tmp/gpu/* "$OUT"
 set -euo pipefail
 out=${1:?usage: bash bench/gpu.sh OUT_DIR [train|sample|data ...]}
 shift
