@@ -140,6 +140,7 @@ def run_jax(args, folder: str, variant: str) -> dict:
   options = parse_variant(variant, args)
   gpu = jax.default_backend() != "cpu"
   dtype = options["dtype"] or ("bfloat16" if gpu else "float32")
+  mesh = sharding.make_mesh(-1, 1, jax.devices()[:1])
 
   def make_step(attention: str, remat: str):
     """(jitted step, frozen states, the value encoder's graphdef and params) of one setting."""
@@ -159,7 +160,6 @@ def run_jax(args, folder: str, variant: str) -> dict:
     graphdefs["value_encoder"], params = nnx.split(models.value_encoder)
     for name in ("text_encoder", "unet", "vae"):
       graphdefs[name], frozen[name] = nnx.split(getattr(models, name))
-    mesh = sharding.make_mesh(-1, 1, jax.devices()[:1])
     acp = schedulers.alphas_cumprod(models.scheduler_config)
     step = jax.jit(train.make_train_step(graphdefs, tx, lambda _: 1e-6, acp, settings),
                    out_shardings=(None, sharding.replicated(mesh)),
@@ -170,15 +170,15 @@ def run_jax(args, folder: str, variant: str) -> dict:
 
   step_fn, frozen, graphdefs, state = make_step(options["attention"], options["remat"])
   batch = make_batch(args, os.path.join(folder, "tokenizer"))
-  if options["base"] == "latents":
-    encode = jax.jit(lambda s, x: jnp.concatenate(
-        nnx.merge(graphdefs["vae"], s).encode(x), axis=-1).astype(jnp.float32))
+  if options["base"] == "latents":   # what the trainer's caches hold
+    encode = train.cache_encoder(nnx.merge(graphdefs["vae"], frozen["vae"]), mesh,
+                                 train.vae_moments)
     for side in ("w", "l"):
-      batch[f"moments_{side}"] = np.asarray(encode(frozen["vae"], batch.pop(f"pixels_{side}")))
+      batch[f"moments_{side}"] = encode(batch.pop(f"pixels_{side}"))
   if options["text"]:
-    batch["prompt_embeds"] = np.asarray(jax.jit(
-        lambda s, ids: nnx.merge(graphdefs["text_encoder"], s)(ids)[0].astype(jnp.float32))(
-            frozen["text_encoder"], batch["prompt_ids"]))
+    batch["prompt_embeds"] = train.cache_encoder(
+        nnx.merge(graphdefs["text_encoder"], frozen["text_encoder"]), mesh,
+        train.prompt_hidden_states)(batch["prompt_ids"])
   batch = jax.device_put(batch)
 
   # The model FLOPs: the same step with XLA attention (counted by XLA) and no recomputation.

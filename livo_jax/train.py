@@ -319,29 +319,23 @@ def step_settings(config, scheduler_config: schedulers.SchedulerConfig) -> StepS
       grad_accum_steps=config.optim.grad_accum_steps)
 
 
-def _vae_encode_fn(vae, mesh):
-  """A jitted pixels -> moments function for the latent cache."""
-  graphdef, state = nnx.split(vae)
-
-  @jax.jit
-  def encode(state, pixels):
-    mean, logvar = nnx.merge(graphdef, state).encode(pixels)
-    return jnp.concatenate([mean, logvar], axis=-1).astype(jnp.float32)
-
+def cache_encoder(module: nnx.Module, mesh, apply: Callable) -> Callable:
+  """numpy x -> float32 numpy `apply(module, x)`, jitted, with the frozen module replicated on
+  the mesh: what the latent and text caches call."""
+  graphdef, state = nnx.split(module)
+  encode = jax.jit(lambda state, x: apply(nnx.merge(graphdef, state), x).astype(jnp.float32))
   state = jax.device_put(state, sharding.replicated(mesh))
-  return lambda pixels: np.asarray(encode(state, pixels))
+  return lambda x: np.asarray(encode(state, x))
 
 
-def _text_encode_fn(text_encoder, tokenizer, mesh):
-  """A jitted prompts -> last hidden states function for the text cache."""
-  graphdef, state = nnx.split(text_encoder)
+def vae_moments(vae, pixels):
+  """VAE moments [n, r, r, 2C]: mean and logvar on the last axis, as the latent cache holds them."""
+  return jnp.concatenate(vae.encode(pixels), axis=-1)
 
-  @jax.jit
-  def encode(state, ids):
-    return nnx.merge(graphdef, state)(ids)[0].astype(jnp.float32)
 
-  state = jax.device_put(state, sharding.replicated(mesh))
-  return lambda prompts: np.asarray(encode(state, conditioning.tokenize(tokenizer, prompts)))
+def prompt_hidden_states(text_encoder, ids):
+  """The text encoder's last hidden states [n, 77, D], as the text cache holds them."""
+  return text_encoder(ids)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,16 +453,17 @@ def train(config, workdir: str) -> dict:
   moments = None    # optionally, VAE moments computed once
   if config.data.cache_latents:
     vae_key = f"{os.path.abspath(config.model.pretrained)}-{config.dtype}"
-    moments = data.cache_moments(source, _vae_encode_fn(models.vae, mesh),
+    moments = data.cache_moments(source, cache_encoder(models.vae, mesh, vae_moments),
                                  resolution=config.data.resolution,
                                  random_flip=config.data.random_flip, key=vae_key,
                                  log=logging.info)
   text = None       # optionally, the prompts' hidden states computed once
   if config.data.cache_text:
     text_key = f"{os.path.abspath(config.model.pretrained)}/text_encoder-{config.dtype}"
+    encode = cache_encoder(models.text_encoder, mesh, prompt_hidden_states)
     text = data.cache_text_embeddings(
-        source, _text_encode_fn(models.text_encoder, models.tokenizer, mesh), key=text_key,
-        log=logging.info)
+        source, lambda prompts: encode(conditioning.tokenize(models.tokenizer, prompts)),
+        key=text_key, log=logging.info)
   batches = data.train_iterator(
       source, tokenizer=models.tokenizer, resolution=config.data.resolution,
       center_crop=config.data.center_crop, random_flip=config.data.random_flip,

@@ -38,7 +38,8 @@ class TextEmbeddings:
 
 
 def distinct_prompts(source: PreferenceSource) -> list[str]:
-  return sorted({source.record(i)["prompt"] for i in range(source.num_records)})
+  """The prompts of the aligned records: the only ones the pipeline looks up."""
+  return sorted({source.aligned(i)["prompt"] for i in range(len(source))})
 
 
 def cache_text_embeddings(source: PreferenceSource,
