@@ -2,7 +2,8 @@
 
 
 class ConfigError(ValueError):
-  """A model config has a field we do not know, or a value we do not implement."""
+  """A setting we cannot use: a config.json field we do not know or implement, a trainer config
+  key or value, a flag, a mesh that does not fit the devices, an unwritable workdir."""
 
 
 class WeightsError(ValueError):
