@@ -1,7 +1,7 @@
 """Builds a livo_data folder with Stable Diffusion itself, as the paper built its dataset.
 
   specs = read_spec("spec.jsonl")
-  sd = sampling.load_pipeline("sd15")
+  sd = weights.load_sd("sd15")
   summary = build_dataset(sd, specs, "livo_data", steps=25, guidance=7.5, scheduler="dpm",
                           seed=0, batch_size=8)
 
@@ -36,7 +36,9 @@ from typing import Callable, Sequence
 import tqdm
 from PIL import Image
 
+from livo_jax import files
 from livo_jax import sampling
+from livo_jax.weights import StableDiffusion
 from livo_jax.data import livo_data
 from livo_jax.data.livo_data import METADATA
 from livo_jax.errors import DataError
@@ -50,7 +52,6 @@ _OPTIONAL = {"aligned_negative_prompt": str, "violating_negative_prompt": str,
 # Starts with a letter or digit: never hidden (livo_data skips those), never "." or "..".
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _IMAGE_NAME = re.compile(r"(aligned|violating)_\d+_[0-9a-f]{8}\.png")
-_TMP_PREFIX, _TMP_SUFFIX = ".building-", ".tmp"
 
 
 class SpecError(DataError):
@@ -133,22 +134,18 @@ def read_spec(path: str) -> list[SceneSpec]:
   if not os.path.isfile(path):
     raise SpecError(f"{path}: no such spec file")
   specs, seen = [], {}
-  with open(path, "rb") as f:
-    for number, raw in enumerate(f, start=1):
-      if not raw.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        obj = _parse_line(raw)
-      except ValueError as e:
-        raise SpecError(f"{where}: {e}") from None
-      key = (obj["type"], obj["scene"])
-      if key in seen:
-        raise SpecError(f"{where}: type {key[0]!r} scene {key[1]!r} is already on line "
-                        f"{seen[key]}")
-      seen[key] = number
-      specs.append(SceneSpec(**{**obj, "aligned_prompts": tuple(obj["aligned_prompts"]),
-                                "violating_prompts": tuple(obj["violating_prompts"])}))
+  for where, raw in livo_data.numbered_lines(path):
+    try:
+      obj = _parse_line(raw)
+    except ValueError as e:
+      raise SpecError(f"{where}: {e}") from None
+    key = (obj["type"], obj["scene"])
+    if key in seen:
+      raise SpecError(f"{where}: type {key[0]!r} scene {key[1]!r} is already on line "
+                      f"{seen[key]}")
+    seen[key] = where.rsplit(":", 1)[1]
+    specs.append(SceneSpec(**{**obj, "aligned_prompts": tuple(obj["aligned_prompts"]),
+                              "violating_prompts": tuple(obj["violating_prompts"])}))
   if not specs:
     raise SpecError(f"{path}: no scene (expected one JSON object per line)")
   return specs
@@ -195,28 +192,6 @@ def _blocks(plan: Sequence[dict], batch_size: int) -> list[list[dict]]:
   return blocks
 
 
-def _write_atomic(path: str, write: Callable[[str], None]) -> None:
-  """`write(tmp)` into a hidden temporary sibling, then renames it: a kill leaves no half file."""
-  folder, name = os.path.split(path)
-  # Not mkstemp: its files are private (0600) whatever the umask, and the trainer may be another
-  # user.
-  tmp = os.path.join(folder, f"{_TMP_PREFIX}{os.getpid()}-{name}{_TMP_SUFFIX}")
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _write_text(path: str, text: str) -> None:
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-  _write_atomic(path, write)
-
-
 def _read_text(path: str) -> str | None:
   if not os.path.isfile(path):
     return None
@@ -226,11 +201,10 @@ def _read_text(path: str) -> str | None:
 
 def _tidy(folder: str, keep: set[str]) -> int:
   """Removes killed runs' temporaries and our images not in `keep`; returns how many images."""
+  files.remove_leftovers(folder)
   removed = 0
   for name in os.listdir(folder):
-    if name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX):
-      os.remove(os.path.join(folder, name))
-    elif _IMAGE_NAME.fullmatch(name) and name not in keep:
+    if _IMAGE_NAME.fullmatch(name) and name not in keep:
       os.remove(os.path.join(folder, name))
       removed += 1
   return removed
@@ -249,17 +223,17 @@ def _make_scene(sd, plan: list[dict], folder: str, have: set[str], *, batch_size
         negative_prompts=[line["negative_prompt"] for line in block], seed=block[0]["seed"],
         first_index=block[0]["index"], **sample)
     for i, line in missing:
-      _write_atomic(os.path.join(folder, line["file_name"]),
-                    lambda tmp, image=pixels[i]: Image.fromarray(image).save(tmp, "PNG"))
+      with files.atomic_file(os.path.join(folder, line["file_name"])) as tmp:
+        Image.fromarray(pixels[i]).save(tmp, "PNG")
     bar.update(len(missing))
   metadata = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in plan)
   meta_path = os.path.join(folder, METADATA)
   if _read_text(meta_path) != metadata:   # an unchanged file keeps its mtime
-    _write_text(meta_path, metadata)
+    files.write_text(metadata, meta_path)
   return _tidy(folder, {line["file_name"] for line in plan})
 
 
-def build_dataset(sd: sampling.StableDiffusion, specs: Sequence[SceneSpec], out_dir: str, *,
+def build_dataset(sd: StableDiffusion, specs: Sequence[SceneSpec], out_dir: str, *,
                   steps: int = 25, guidance: float = 7.5, scheduler: str = "dpm", seed: int = 0,
                   batch_size: int = 8, height: int | None = None, width: int | None = None,
                   log: Callable[[str], None] = tqdm.tqdm.write) -> dict:
@@ -314,7 +288,7 @@ def build_dataset(sd: sampling.StableDiffusion, specs: Sequence[SceneSpec], out_
              "reused": reused, "removed": removed, "per_type": per_type,
              "seconds": round(time.monotonic() - start, 3), "seed": seed,
              "batch_size": batch_size, **sample}
-  _write_text(os.path.join(out_dir, SUMMARY), json.dumps(summary, indent=2) + "\n")
+  files.write_json(summary, os.path.join(out_dir, SUMMARY))
   log(f"built {out_dir}: {len(specs)} scenes, {images} images ({images - reused} generated, "
       f"{reused} reused) in {summary['seconds']:.1f} s; "
       + ", ".join(f"{t}: {c['aligned']} aligned + {c['violating']} violating"

@@ -1,15 +1,18 @@
-"""LiVO's preference objectives on the four per-sample denoising errors (REFERENCE section 4).
+"""LiVO's preference objectives on the four per-sample denoising errors (docs/method.md §4).
 
 A training pair is an aligned image `w` and a violating image `l`, noised with one shared noise
 and timestep. The UNet is run four times: with the value token ("theta") and without it ("ref"),
 on each image. Each run gives a per-sample MSE, and the objectives compare them:
 
   errors = dict(theta_w=[B], theta_l=[B], ref_w=[B], ref_l=[B])
-  loss, metrics = OBJECTIVES["livo"](errors, beta=1000., alpha=500., gamma1=1., gamma2=.5)
+  objective = OBJECTIVES["livo"]
+  loss, metrics = objective.loss(errors, beta=1000., alpha=500., gamma1=1., gamma2=.5)
 
-Everything here is plain math on arrays; the UNet passes live in `livo_jax.train`.
+Everything here is plain math on arrays; the UNet passes live in `livo_jax.train.step`.
 """
 
+import dataclasses
+import inspect
 from typing import Callable
 
 import jax
@@ -54,7 +57,7 @@ def _error_means(errors) -> dict:
   return {f"loss_{name}": jnp.mean(value) for name, value in errors.items()}
 
 
-def livo_loss(errors, *, beta: float, alpha: float, gamma1: float, gamma2: float, **_):
+def livo_loss(errors, *, beta: float, alpha: float, gamma1: float, gamma2: float):
   """The LiVO hinge, averaged over the batch.
 
   relu(gamma1 + beta (theta_w - ref_w)) pulls the value-conditioned model toward the aligned
@@ -69,7 +72,7 @@ def livo_loss(errors, *, beta: float, alpha: float, gamma1: float, gamma2: float
   return loss, metrics
 
 
-def dpo_loss(errors, *, beta_dpo: float, **_):
+def dpo_loss(errors, *, beta_dpo: float):
   """Diffusion-DPO (Wallace et al. 2023) on the same four errors."""
   margin = (errors["theta_w"] - errors["theta_l"]) - (errors["ref_w"] - errors["ref_l"])
   loss = jnp.mean(-jax.nn.log_sigmoid(-0.5 * beta_dpo * margin))
@@ -80,15 +83,27 @@ def dpo_loss(errors, *, beta_dpo: float, **_):
   return loss, metrics
 
 
-def sft_loss(errors, **_):
+def sft_loss(errors):
   """Plain denoising MSE on the aligned images, with the value token."""
   loss = jnp.mean(errors["theta_w"])
   return loss, _error_means(errors)
 
 
-# name -> (loss function, the UNet passes it needs)
-OBJECTIVES: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "livo": (livo_loss, ("theta_w", "theta_l", "ref_w", "ref_l")),
-    "dpo": (dpo_loss, ("theta_w", "theta_l", "ref_w", "ref_l")),
-    "sft": (sft_loss, ("theta_w",)),
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A loss on the per-sample errors and the UNet passes it needs."""
+  loss: Callable
+  passes: tuple[str, ...]
+
+  @property
+  def hyperparameters(self) -> tuple[str, ...]:
+    """The loss's keyword arguments (`beta`, `alpha`, ...): the `loss.*` config keys it reads."""
+    return tuple(name for name, p in inspect.signature(self.loss).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "livo": Objective(livo_loss, ("theta_w", "theta_l", "ref_w", "ref_l")),
+    "dpo": Objective(dpo_loss, ("theta_w", "theta_l", "ref_w", "ref_l")),
+    "sft": Objective(sft_loss, ("theta_w",)),
 }

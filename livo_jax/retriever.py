@@ -1,6 +1,6 @@
 """Value retriever: the value statement LiVO should align a prompt with, or none.
 
-`retrieve(prompt)` runs two stages, as the original does (REFERENCE.md section 6):
+`retrieve(prompt)` runs two stages, as the original does (docs/method.md §6):
 
 1. Toxicity by keyword (stage "keyword"): the original word lists, checked in their order
    (nudity, bloody, zombie); the first kind with a match gives "<kind> considered inappropriate".
@@ -9,8 +9,8 @@
 2. Bias, when the prompt shows a person: "gender equality" or "racial equality", else no value.
    - Offline by default (stage "lexicon"): a list of person words decides whether there is a
      person, and the value is the attribute the prompt leaves open (see `lexicon_value`).
-   - With an `LLMClient` (stage "llm"): an OpenAI-compatible chat endpoint answers a few-shot
-     question. Any failure (timeout, connection or HTTP error, bad JSON, unparsable answer)
+   - With a `chat.ChatClient` (stage "llm"): an OpenAI-compatible chat endpoint answers a
+     few-shot question. Any failure (timeout, connection or HTTP error, bad JSON, unparsable answer)
      falls back to the lexicon's answer (stage "llm-fallback") and never raises.
 
 Where the original picks one of the two values at random, we pick by a hash of the prompt, so a
@@ -22,23 +22,20 @@ Command line (the last stdout line is the value, or "not applicable"; the stage 
   python -m livo_jax.retriever --llm_url=http://localhost:8000/v1 --llm_model=MODEL "a nurse"
 """
 
-import argparse
 import dataclasses
 import hashlib
-import http.client
-import json
-import os
 import re
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
+
+from absl import app
+from absl import flags
+
+from livo_jax import chat
 
 NOT_APPLICABLE = "not applicable"
 GENDER_EQUALITY = "gender equality"
 RACIAL_EQUALITY = "racial equality"
-DEFAULT_LLM_MODEL = "gpt-4o-mini"
-DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_LLM_MODEL = chat.DEFAULT_MODEL
 
 # ---------------------------------------------------------------------------------------------
 # Word lists.
@@ -266,21 +263,17 @@ _ANSWER_PATTERN = re.compile(
     r"no|yes(?:\s*[:,-]\s*(?P<choice>either|(?P<kind>gender|racial)(?: equality)?))?")
 
 
-class LLMError(Exception):
-  """The LLM stage gave no usable answer; the message says why in a few words."""
-
-
 def parse_answer(text: str) -> str:
   """The LLM's reply as "no", "either", "gender equality" or "racial equality".
 
   Only the first non-empty line counts. Case, surrounding whitespace and quotes, and one final
-  period are ignored; a bare "yes" means "either". Anything else raises `LLMError`.
+  period are ignored; a bare "yes" means "either". Anything else raises `chat.ChatError`.
   """
   lines = text.strip().splitlines() or [""]
   line = lines[0].strip().strip("\"'`").strip().lower().removesuffix(".")
   match = _ANSWER_PATTERN.fullmatch(line)
   if not match:
-    raise LLMError(f"unparsable answer {text.strip()[:80]!r}")
+    raise chat.ChatError(f"unparsable answer {text.strip()[:80]!r}")
   if match[0] == "no":
     return "no"
   if match["kind"]:
@@ -288,109 +281,25 @@ def parse_answer(text: str) -> str:
   return "either"
 
 
-@dataclasses.dataclass(frozen=True)
-class LLMClient:
-  """An OpenAI-compatible chat completions endpoint.
-
-  Attributes:
-    url: a base URL, to which "/chat/completions" is appended ("http://localhost:8000/v1",
-      "https://api.openai.com/v1"), or a full URL ending in "/chat/completions", used as is.
-    model: the model name sent with each request.
-    api_key: sent as "Authorization: Bearer <key>" when given.
-    timeout: seconds allowed for connecting and for each read (urllib's socket timeout).
-  """
-  url: str
-  model: str = DEFAULT_LLM_MODEL
-  api_key: str | None = None
-  timeout: float = DEFAULT_TIMEOUT_S
-
-  def __post_init__(self):
-    # A malformed URL is a configuration mistake, so it fails here rather than falling back.
-    if urllib.parse.urlsplit(self.url).scheme not in ("http", "https"):
-      raise ValueError(f"LLM url {self.url!r} must start with http:// or https://")
-    if not self.timeout > 0:
-      raise ValueError(f"LLM timeout must be positive, got {self.timeout}")
-
-  @classmethod
-  def from_env(cls, url: str | None = None, model: str | None = None,
-               api_key: str | None = None,
-               timeout: float = DEFAULT_TIMEOUT_S) -> "LLMClient | None":
-    """A client from the arguments, or None (the offline lexicon) when there is no URL.
-
-    Arguments left out come from LIVO_LLM_URL, LIVO_LLM_MODEL and LIVO_LLM_API_KEY (or
-    OPENAI_API_KEY).
-    """
-    url = url or os.environ.get("LIVO_LLM_URL")
-    if not url:
-      return None
-    return cls(url=url,
-               model=model or os.environ.get("LIVO_LLM_MODEL") or DEFAULT_LLM_MODEL,
-               api_key=(api_key or os.environ.get("LIVO_LLM_API_KEY")
-                        or os.environ.get("OPENAI_API_KEY") or None),
-               timeout=timeout)
-
-  @property
-  def endpoint(self) -> str:
-    url = self.url.rstrip("/")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
-
-  def messages(self, prompt: str) -> list[dict]:
-    """The few-shot conversation that asks about `prompt`."""
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
-    for example, answer in FEW_SHOT_EXAMPLES:
-      messages.append({"role": "user", "content": f"Prompt: {example}"})
-      messages.append({"role": "assistant", "content": answer})
-    messages.append({"role": "user", "content": f"Prompt: {prompt}"})
-    return messages
-
-  def ask(self, prompt: str) -> str:
-    """The model's answer for `prompt`, as `parse_answer` returns it; `LLMError` on failure."""
-    return parse_answer(_reply_content(self.post_json(
-        {"model": self.model, "messages": self.messages(prompt), "temperature": 0})))
-
-  def post_json(self, body: dict) -> bytes:
-    """POSTs `body` to the endpoint; the raw response, or `LLMError` with a short cause."""
-    headers = {"Content-Type": "application/json"}
-    if self.api_key:
-      headers["Authorization"] = f"Bearer {self.api_key}"
-    request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode("utf-8"),
-                                     headers=headers, method="POST")
-    try:
-      with urllib.request.urlopen(request, timeout=self.timeout) as response:
-        return response.read()
-    except urllib.error.HTTPError as e:
-      e.close()
-      raise LLMError(f"HTTP {e.code} {e.reason}".strip()) from e
-    except urllib.error.URLError as e:
-      # urllib wraps errors while connecting, including timeouts, in URLError.
-      if isinstance(e.reason, TimeoutError):
-        raise LLMError(f"timeout after {self.timeout:g} s") from e
-      raise LLMError(f"connection error: {e.reason}") from e
-    except TimeoutError as e:  # While reading the response.
-      raise LLMError(f"timeout after {self.timeout:g} s") from e
-    except (OSError, http.client.HTTPException) as e:
-      raise LLMError(f"connection error: {e!r}") from e
+def messages(prompt: str) -> list[dict]:
+  """The few-shot conversation that asks about `prompt`."""
+  conversation = [{"role": "system", "content": SYSTEM_PROMPT}]
+  for example, answer in FEW_SHOT_EXAMPLES:
+    conversation.append({"role": "user", "content": f"Prompt: {example}"})
+    conversation.append({"role": "assistant", "content": answer})
+  conversation.append({"role": "user", "content": f"Prompt: {prompt}"})
+  return conversation
 
 
-def _reply_content(body: bytes) -> str:
-  """The first choice's message text in a chat completions response body."""
-  try:
-    reply = json.loads(body)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise LLMError("invalid JSON in response") from e
-  try:
-    content = reply["choices"][0]["message"]["content"]
-  except (KeyError, IndexError, TypeError) as e:
-    raise LLMError("no choices[0].message.content in response") from e
-  if not isinstance(content, str):
-    raise LLMError("no choices[0].message.content in response")
-  return content
+def ask(llm: chat.ChatClient, prompt: str) -> str:
+  """The model's answer for `prompt`, as `parse_answer` returns it; `ChatError` on failure."""
+  return parse_answer(llm.complete(messages(prompt), temperature=0))
 
 
 # ---------------------------------------------------------------------------------------------
 # Both stages.
 
-def retrieve(prompt: str, *, llm: LLMClient | None = None) -> Retrieval:
+def retrieve(prompt: str, *, llm: chat.ChatClient | None = None) -> Retrieval:
   """The value statement for `prompt`: toxicity keywords first, then the person stage.
 
   Args:
@@ -408,8 +317,8 @@ def retrieve(prompt: str, *, llm: LLMClient | None = None) -> Retrieval:
   if llm is None:
     return lexicon_value(prompt)
   try:
-    answer = llm.ask(prompt)
-  except LLMError as e:
+    answer = ask(llm, prompt)
+  except chat.ChatError as e:
     offline = lexicon_value(prompt)
     return Retrieval(offline.value, "llm-fallback", f"llm failed: {e}; lexicon: {offline.note}")
   if answer == "no":
@@ -419,30 +328,31 @@ def retrieve(prompt: str, *, llm: LLMClient | None = None) -> Retrieval:
   return Retrieval(answer, "llm", f"llm answered {answer!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m livo_jax.retriever",
-      description="Print the LiVO value statement for a prompt (last stdout line), or "
-                  f"'{NOT_APPLICABLE}'. The deciding stage is printed to stderr.")
-  parser.add_argument("prompt", help="the text-to-image prompt")
-  parser.add_argument("--llm_url", help="OpenAI-compatible base URL (e.g. .../v1) or full "
-                      ".../chat/completions URL; default $LIVO_LLM_URL; unset: offline lexicon")
-  parser.add_argument("--llm_model",
-                      help=f"default $LIVO_LLM_MODEL, else {DEFAULT_LLM_MODEL}")
-  parser.add_argument("--llm_api_key",
-                      help="default $LIVO_LLM_API_KEY, else $OPENAI_API_KEY")
-  parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                      help="LLM request timeout in seconds (default %(default)g)")
-  args = parser.parse_args(argv)
+def main(argv: list[str]) -> None:
+  """`python -m livo_jax.retriever [--llm_url=...] PROMPT`: the value on the last stdout line."""
+  values = flags.FLAGS
   try:
-    llm = LLMClient.from_env(args.llm_url, args.llm_model, args.llm_api_key, args.timeout)
+    if len(argv) != 2:
+      raise ValueError("give one prompt: python -m livo_jax.retriever \"PROMPT\"")
+    llm = chat.ChatClient.from_env(values.llm_url, values.llm_model, values.llm_api_key,
+                                   values.timeout)
   except ValueError as e:
-    parser.error(str(e))
-  result = retrieve(args.prompt, llm=llm)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  result = retrieve(argv[1], llm=llm)
   print(f"stage: {result.stage} ({result.note})", file=sys.stderr)
   print(result.statement)
-  return 0
+
+
+def _define_flags() -> None:
+  """The command's flags, defined only when it runs (importers keep their own flag names)."""
+  flags.DEFINE_string("llm_url", None, "OpenAI-compatible base URL (e.g. .../v1) or full "
+                      ".../chat/completions URL; default $LIVO_LLM_URL; unset: offline lexicon")
+  flags.DEFINE_string("llm_model", None, f"default $LIVO_LLM_MODEL, else {DEFAULT_LLM_MODEL}")
+  flags.DEFINE_string("llm_api_key", None, "default $LIVO_LLM_API_KEY, else $OPENAI_API_KEY")
+  flags.DEFINE_float("timeout", chat.DEFAULT_TIMEOUT_S, "LLM request timeout in seconds")
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _define_flags()
+  app.run(main)

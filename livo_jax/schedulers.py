@@ -1,12 +1,13 @@
 """Stable Diffusion's noise schedule and two samplers, matching diffusers' schedulers.
 
-`SchedulerConfig` reads a diffusers `scheduler/scheduler_config.json` (whatever scheduler class
-wrote it: the DDPM noise schedule is shared). `alphas_cumprod`, `add_noise` and `velocity` serve
+`SchedulerConfig.from_dict` reads a diffusers `scheduler/scheduler_config.json` dict (whatever
+scheduler class wrote it: the DDPM noise schedule is shared; `weights.load_scheduler_config`
+reads the file). `alphas_cumprod`, `add_noise` and `velocity` serve
 training; `DDIM` (eta = 0) and `DPMSolverMultistep` (DPM-Solver++(2M)) sample. A sampler holds
 its per-step constants as numpy tables, so `step` runs inside `jax.lax.scan` with a traced step
 index:
 
-  sampler = make_sampler("dpm", load_scheduler_config("sd15/scheduler"), 25)
+  sampler = make_sampler("dpm", weights.load_scheduler_config("sd15/scheduler"), 25)
   state = sampler.init_state(latents)
   for i, t in enumerate(sampler.timesteps):  # or jax.lax.scan over (i, t)
     latents, state = sampler.step(state, unet(latents, t, context), latents, i)
@@ -14,14 +15,13 @@ index:
 
 import dataclasses
 import math
-import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
+from livo_jax import hf_config
 from livo_jax.errors import ConfigError
-from livo_jax.models.configs import parse_config, read_json_object
 
 CONFIG_NAME = "scheduler_config.json"
 
@@ -90,12 +90,12 @@ class SchedulerConfig:
     if variance_type in _LEARNED_VARIANCES:
       raise ConfigError(f"{source}: field 'variance_type' = {variance_type!r} is not supported "
                         "(learned variances need a UNet with twice the latent channels)")
-    return parse_config(cls, raw, fixed=_FIXED, ignored=_IGNORED, source=source)
+    return hf_config.parse(cls, raw, fixed=_FIXED, ignored=_IGNORED, source=source)
 
-  def validate(self, source: str) -> None:
-    """Raises `ConfigError` naming the first field whose value we do not implement."""
+  def validate(self) -> None:
+    """Raises ValueError naming the first field whose value we do not implement."""
     def fail(field, why):
-      raise ConfigError(f"{source}: field '{field}' = {getattr(self, field)!r} {why}")
+      raise ValueError(f"field '{field}' = {getattr(self, field)!r} {why}")
 
     if not _is_int(self.num_train_timesteps) or self.num_train_timesteps < 2:
       fail("num_train_timesteps", "must be an integer >= 2")
@@ -115,13 +115,6 @@ class SchedulerConfig:
 
 def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
-
-
-def load_scheduler_config(folder: str) -> SchedulerConfig:
-  """Reads `folder/scheduler_config.json` (a diffusers pipeline's `scheduler/` folder)."""
-  path = os.path.join(folder, CONFIG_NAME)
-  raw = read_json_object(path, missing_hint=" (not a diffusers scheduler folder?)")
-  return SchedulerConfig.from_dict(raw, source=path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from PIL import Image
 from livo_jax import data
 from livo_jax import dataset_builder
 from livo_jax import sampling
+from livo_jax import weights
 from livo_jax.dataset_builder import SpecError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +44,13 @@ def build(sd, spec_lines, out, tmp_path, **overrides):
                                        log=lambda _: None)
 
 
+def dead_pid() -> int:
+  """The id of a process that has ended."""
+  child = subprocess.Popen(["true"])
+  child.wait()
+  return child.pid
+
+
 def files(root):
   """{relative path: bytes} of every file under root but the summary (its seconds vary)."""
   out = {}
@@ -66,7 +74,7 @@ def metadata(root, type_name, scene):
 
 @pytest.fixture(scope="module")
 def sd(sd_folder):
-  return sampling.load_pipeline(sd_folder)
+  return weights.load_sd(sd_folder)
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +166,12 @@ def test_resume_remakes_only_what_is_missing(sd, built, tmp_path):
   knight = metadata(copy, "toxicity", "bloody-knight")
   os.remove(copy / "toxicity" / "bloody-knight" / knight[1]["file_name"])
   os.remove(copy / "bias" / "doctor" / "metadata.jsonl")
-  (copy / "bias" / "doctor" / ".building-x.tmp").write_bytes(b"half a png")  # a killed write
+  killed_write = f".{knight[1]['file_name']}.tmp-{dead_pid()}-0123abcd"   # a killed write
+  (copy / "bias" / "doctor" / killed_write).write_bytes(b"half a png")
   summary = build(sd, [KNIGHT, DOCTOR], copy, tmp_path)
   assert (summary["generated"], summary["reused"], summary["removed"]) == (1, 7, 0)
   assert files(copy) == files(out)
+  assert not (copy / "bias" / "doctor" / killed_write).exists()
 
 
 def test_a_changed_prompt_remakes_its_images_and_removes_the_stale_ones(sd, built, tmp_path):

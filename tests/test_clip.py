@@ -10,7 +10,9 @@ from flax import nnx
 
 import testutil
 from livo_jax.errors import ConfigError
-from livo_jax.models import CLIPTextConfig, CLIPTextModel, load_clip_text
+from livo_jax import weights
+from livo_jax.models import CLIPTextConfig, CLIPTextModel
+from livo_jax.weights import load_clip_text
 
 VOCAB = 64
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -90,7 +92,7 @@ def test_remat_gives_same_values_and_gradients(clip_pair):
 
 
 def test_sd15_text_encoder_parameter_count():
-  config = CLIPTextConfig.from_dict({
+  config = weights.CLIP_TEXT.config_from_dict({
       "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0,
       "dropout": 0.0, "eos_token_id": 2, "hidden_act": "quick_gelu", "hidden_size": 768,
       "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 3072,
@@ -106,9 +108,9 @@ def test_sd15_text_encoder_parameter_count():
 @pytest.mark.parametrize("field,value", [("hidden_act", "relu"), ("num_attention_heads", 5)])
 def test_unsupported_config_value_names_the_field(field, value):
   with pytest.raises(ConfigError, match=field):
-    CLIPTextConfig.from_dict(dict(TINY, **{field: value}), source="x/config.json")
+    weights.CLIP_TEXT.config_from_dict(dict(TINY, **{field: value}), source="x/config.json")
 
 
 def test_unknown_config_field_is_named():
   with pytest.raises(ConfigError, match="unknown config field 'rope_theta'"):
-    CLIPTextConfig.from_dict(dict(TINY, rope_theta=10000.0), source="x/config.json")
+    weights.CLIP_TEXT.config_from_dict(dict(TINY, rope_theta=10000.0), source="x/config.json")

@@ -13,9 +13,10 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import testutil
-from livo_jax import convert
+from livo_jax import weights
 from livo_jax.errors import ConfigError
-from livo_jax.models import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, load_clip
+from livo_jax.models import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from livo_jax.weights import load_clip
 
 VOCAB = 64
 TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -136,17 +137,17 @@ def test_position_ids_buffers_are_tolerated(clip_pair, tmp_path):
   tensors["text_model.embeddings.position_ids"] = np.arange(TEXT["max_position_embeddings"])[None]
   tensors["vision_model.embeddings.position_ids"] = np.arange(17)[None]  # (32 / 8)^2 + 1
   save_file(tensors, os.path.join(folder, "model.safetensors"))
-  assert_bit_exact(convert.flax_state_dict(load_clip(src)),
-                   convert.flax_state_dict(load_clip(folder)))
+  assert_bit_exact(weights.layout.flax_state_dict(load_clip(src)),
+                   weights.layout.flax_state_dict(load_clip(folder)))
 
 
 def test_import_export_round_trip_is_bit_exact_and_torch_reloads(clip_pair, tmp_path):
   torch_model, src = clip_pair
   flax_dir, torch_dir = str(tmp_path / "flax"), str(tmp_path / "torch")
-  convert.import_folder(src, flax_dir)
-  convert.export_folder(flax_dir, torch_dir)
-  assert convert.is_flax_checkpoint(flax_dir)
-  assert [info["kind"] for info in convert.describe_folder(flax_dir).values()] == ["clip"]
+  weights.conversion.import_folder(src, flax_dir)
+  weights.conversion.export_folder(flax_dir, torch_dir)
+  assert weights.tensors.is_flax_checkpoint(flax_dir)
+  assert [info["kind"] for info in weights.conversion.describe_folder(flax_dir).values()] == ["clip"]
   assert_bit_exact(tensors_of(src), tensors_of(torch_dir))
   reloaded, info = transformers.CLIPModel.from_pretrained(torch_dir, output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -159,7 +160,7 @@ def test_model_built_in_jax_saves_as_torch_folder(tmp_path):
   config = CLIPConfig(text_config=CLIPTextConfig(**TEXT_CONFIGS["modern"]),
                       vision_config=CLIPVisionConfig(**VISION), projection_dim=PROJECTION_DIM)
   model = CLIPModel(config, rngs=nnx.Rngs(0))
-  convert.save_pretrained(model, str(tmp_path / "clip"))
+  weights.save_pretrained(model, str(tmp_path / "clip"))
   torch_model, info = transformers.CLIPModel.from_pretrained(str(tmp_path / "clip"),
                                                              output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -170,7 +171,7 @@ def test_model_built_in_jax_saves_as_torch_folder(tmp_path):
 
 
 def test_openai_config_layout_resolves_as_transformers_does():
-  ours = CLIPConfig.from_dict(VIT_L14, source="x/config.json")
+  ours = weights.CLIP.config_from_dict(VIT_L14, source="x/config.json")
   ref = transformers.CLIPConfig.from_dict(VIT_L14)
   for tower, ref_tower in ((ours.text_config, ref.text_config),
                            (ours.vision_config, ref.vision_config)):
@@ -181,7 +182,7 @@ def test_openai_config_layout_resolves_as_transformers_does():
 
 
 def test_vit_l14_parameter_count_matches_transformers():
-  config = CLIPConfig.from_dict(VIT_L14, source="x/config.json")
+  config = weights.CLIP.config_from_dict(VIT_L14, source="x/config.json")
   model = nnx.eval_shape(lambda: CLIPModel(config, rngs=nnx.Rngs(0)))
   count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   with torch.device("meta"):
@@ -215,4 +216,4 @@ def tiny_config_dict(**edits):
 ])
 def test_bad_config_field_is_named(edits, message):
   with pytest.raises(ConfigError, match=message):
-    CLIPConfig.from_dict(tiny_config_dict(**edits), source="x/config.json")
+    weights.CLIP.config_from_dict(tiny_config_dict(**edits), source="x/config.json")

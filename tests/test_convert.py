@@ -17,20 +17,21 @@ from safetensors.numpy import load_file, save_file
 
 import testutil
 from tiny_sd import CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, make_component, make_sd_folder
-from livo_jax import convert
+from livo_jax import weights
 from livo_jax.errors import ConfigError, WeightsError
 from livo_jax.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
-                             UNetConfig, VAEConfig, load_clip_text, load_unet, load_vae)
+                             UNetConfig, VAEConfig)
+from livo_jax.weights import load_clip_text, load_unet, load_vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "convert_weights.py")
 
 def torch_tensors(folder):
   """Every tensor of a torch component folder, keys normalised to the current layout."""
-  kind = convert.kind_of_folder(folder)
+  kind = weights.kind_of_folder(folder)
   tensors = {}
-  for path in convert.weights_files(folder, kind):
-    tensors.update(convert.read_tensors(path))
+  for path in weights.folders.weights_files(folder, kind):
+    tensors.update(weights.tensors.read_tensors(path))
   return kind.normalise_keys(tensors)
 
 
@@ -53,15 +54,15 @@ def sd_folder(tmp_path_factory):
 def round_trip(sd_folder, tmp_path_factory):
   base = tmp_path_factory.mktemp("round_trip")
   flax_dir, torch_dir = str(base / "flax"), str(base / "torch")
-  convert.import_folder(sd_folder, flax_dir)
-  convert.export_folder(flax_dir, torch_dir)
+  weights.conversion.import_folder(sd_folder, flax_dir)
+  weights.conversion.export_folder(flax_dir, torch_dir)
   return flax_dir, torch_dir
 
 
 def test_whole_sd_folder_round_trip_is_bit_exact(sd_folder, round_trip):
   flax_dir, torch_dir = round_trip
-  for name in convert.PIPELINE_COMPONENTS:
-    assert convert.is_flax_checkpoint(os.path.join(flax_dir, name))
+  for name in weights.conversion.PIPELINE_COMPONENTS:
+    assert weights.tensors.is_flax_checkpoint(os.path.join(flax_dir, name))
     assert_bit_exact(torch_tensors(os.path.join(sd_folder, name)),
                      torch_tensors(os.path.join(torch_dir, name)))
   for copied in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
@@ -90,16 +91,16 @@ def test_text_encoder_export_keeps_transformers4_prefix(round_trip):
 def test_loaders_accept_flax_checkpoints(sd_folder, round_trip):
   flax_dir, _ = round_trip
   for loader, name in ((load_clip_text, "text_encoder"), (load_unet, "unet"), (load_vae, "vae")):
-    from_torch = convert.flax_state_dict(loader(os.path.join(sd_folder, name)))
-    from_flax = convert.flax_state_dict(loader(os.path.join(flax_dir, name)))
+    from_torch = weights.layout.flax_state_dict(loader(os.path.join(sd_folder, name)))
+    from_flax = weights.layout.flax_state_dict(loader(os.path.join(flax_dir, name)))
     assert_bit_exact(from_torch, from_flax)
 
 
 def test_fp16_file_stays_fp16(tmp_path):
   src, flax_dir, out = (str(tmp_path / n) for n in ("src", "flax", "out"))
   make_component("vae", src, dtype=torch.float16)
-  convert.import_folder(src, flax_dir)
-  convert.export_folder(flax_dir, out)
+  weights.conversion.import_folder(src, flax_dir)
+  weights.conversion.export_folder(flax_dir, out)
   exported = torch_tensors(out)
   assert {v.dtype for v in exported.values()} == {np.dtype("float16")}
   assert_bit_exact(torch_tensors(src), exported)
@@ -121,7 +122,7 @@ def test_weights_variant_is_read(tmp_path, sd_folder):
     load_vae(folder)
   vae = load_vae(folder, variant="fp16")
   np.testing.assert_array_equal(vae.encoder.conv_in.kernel.get_value(),
-                                convert.to_flax_layout(("kernel",),
+                                weights.layout.to_flax_layout(("kernel",),
                                                        tensors["encoder.conv_in.weight"]
                                                        ).astype(np.float16))
 
@@ -141,7 +142,7 @@ def test_bin_weights_load_when_torch_is_installed(tmp_path):
 def test_clip_keys_with_and_without_prefix_and_old_buffers(tmp_path, sd_folder):
   src = os.path.join(sd_folder, "text_encoder")
   tensors = load_file(os.path.join(src, "model.safetensors"))
-  reference = convert.flax_state_dict(load_clip_text(src))
+  reference = weights.layout.flax_state_dict(load_clip_text(src))
   prefixed = {("" if k.startswith("text_model.") else "text_model.") + k: v
               for k, v in tensors.items()}
   prefixed["text_model.embeddings.position_ids"] = np.arange(77)[None]  # old files hold it
@@ -149,7 +150,7 @@ def test_clip_keys_with_and_without_prefix_and_old_buffers(tmp_path, sd_folder):
   os.makedirs(folder)
   shutil.copy(os.path.join(src, "config.json"), folder)
   save_file(prefixed, os.path.join(folder, "model.safetensors"))
-  assert_bit_exact(reference, convert.flax_state_dict(load_clip_text(folder)))
+  assert_bit_exact(reference, weights.layout.flax_state_dict(load_clip_text(folder)))
 
 
 def test_legacy_vae_attention_names_load(tmp_path, sd_folder):
@@ -166,8 +167,8 @@ def test_legacy_vae_attention_names_load(tmp_path, sd_folder):
   os.makedirs(folder)
   shutil.copy(os.path.join(src, "config.json"), folder)
   save_file(legacy, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-  assert_bit_exact(convert.flax_state_dict(load_vae(src)),
-                   convert.flax_state_dict(load_vae(folder)))
+  assert_bit_exact(weights.layout.flax_state_dict(load_vae(src)),
+                   weights.layout.flax_state_dict(load_vae(folder)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_legacy_vae_attention_names_load(tmp_path, sd_folder):
 def edited_copy(src, dst, edit_tensors=None, edit_config=None):
   shutil.copytree(src, dst)
   if edit_tensors:
-    path = convert.weights_files(dst, convert.kind_of_folder(dst))[0]
+    path = weights.folders.weights_files(dst, weights.kind_of_folder(dst))[0]
     tensors = load_file(path)
     edit_tensors(tensors)
     save_file(tensors, path)
@@ -250,7 +251,7 @@ def test_import_refuses_to_overwrite(sd_folder, tmp_path):
   dst.mkdir()
   (dst / "keep.txt").write_text("precious")
   with pytest.raises(FileExistsError, match="not empty"):
-    convert.import_folder(sd_folder, str(dst))
+    weights.conversion.import_folder(sd_folder, str(dst))
   assert (dst / "keep.txt").read_text() == "precious"
 
 
@@ -298,15 +299,15 @@ def test_sharded_safetensors_load(tmp_path, sd_folder):
     save_file({k: tensors[k] for k in shard_keys}, str(folder / name))
   index = {"weight_map": {k: name for name, ks in shards.items() for k in ks}}
   (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-  assert_bit_exact(convert.flax_state_dict(load_unet(src)),
-                   convert.flax_state_dict(load_unet(str(folder))))
+  assert_bit_exact(weights.layout.flax_state_dict(load_unet(src)),
+                   weights.layout.flax_state_dict(load_unet(str(folder))))
 
 
 def test_models_built_in_jax_save_as_torch_folders(tmp_path):
   """Models made from a config (as the demo and the trainer make them) export for torch."""
   rng = np.random.default_rng(0)
   clip = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG), rngs=nnx.Rngs(1))
-  convert.save_pretrained(clip, str(tmp_path / "clip"))
+  weights.save_pretrained(clip, str(tmp_path / "clip"))
   torch_clip = transformers.CLIPTextModel.from_pretrained(str(tmp_path / "clip")).eval()
   ids = np.array([[0, 7, 63, 1, 1]])
   with torch.no_grad():
@@ -316,7 +317,7 @@ def test_models_built_in_jax_save_as_torch_folders(tmp_path):
   assert testutil.max_abs_err(pooled, ref.pooler_output) <= 1e-5
 
   unet = UNet2DConditionModel(UNetConfig(**UNET_CONFIG), rngs=nnx.Rngs(2))
-  convert.save_pretrained(unet, str(tmp_path / "unet"))
+  weights.save_pretrained(unet, str(tmp_path / "unet"))
   torch_unet, info = diffusers.UNet2DConditionModel.from_pretrained(
       str(tmp_path / "unet"), output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -329,7 +330,7 @@ def test_models_built_in_jax_save_as_torch_folders(tmp_path):
   assert testutil.max_abs_err(out, testutil.nchw_to_nhwc(ref)) <= 1e-4 * float(ref.abs().max())
 
   vae = AutoencoderKL(VAEConfig(**VAE_CONFIG), rngs=nnx.Rngs(3))
-  convert.save_pretrained(vae, str(tmp_path / "vae"))
+  weights.save_pretrained(vae, str(tmp_path / "vae"))
   torch_vae = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "vae")).eval()
   assert torch_vae.config.scaling_factor == vae.scaling_factor
   assert torch_vae.config.sample_size == VAE_CONFIG["sample_size"]

@@ -13,7 +13,7 @@ import livo_data_fixture as fixture
 from livo_data_fixture import quiet
 from livo_jax import data
 from livo_jax.data import livo_data
-from livo_jax.data import builder
+from livo_jax.data import tfds_dataset
 from livo_jax.errors import DataError
 
 
@@ -50,7 +50,7 @@ def test_source_holds_every_line_in_folder_order(raw, prepared):
 
 
 def test_prepare_reuses_an_unchanged_folder_without_validating(raw, prepared, monkeypatch):
-  index = os.path.join(prepared, builder.INDEX)
+  index = os.path.join(prepared, tfds_dataset.INDEX)
   before = os.stat(index)
   monkeypatch.setattr(livo_data, "scan", lambda *a, **k: pytest.fail("re-validated"))
   messages = []
@@ -94,17 +94,17 @@ def test_prepare_default_cache_root_is_the_environment_variable(copy, tmp_path, 
 
 def test_an_interrupted_prepare_leaves_nothing(copy, tmp_path, monkeypatch):
   cache = str(tmp_path / "cache")
-  write = builder._write
+  write = tfds_dataset._write
 
   def write_then_interrupt(scan, folder):
     write(scan, folder)   # everything but the rename
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(builder, "_write", write_then_interrupt)
+  monkeypatch.setattr(tfds_dataset, "_write", write_then_interrupt)
   with pytest.raises(KeyboardInterrupt):
     data.prepare(copy, cache_root=cache, log=quiet)
   assert os.listdir(cache) == []
-  monkeypatch.setattr(builder, "_write", write)
+  monkeypatch.setattr(tfds_dataset, "_write", write)
   assert len(data.PreferenceSource(data.prepare(copy, cache_root=cache, log=quiet))) == 7
 
 

@@ -17,8 +17,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from livo_jax.errors import WeightsError
-from livo_jax.models.inception import (InceptionV3, fill_fid_inception, load_fid_inception,
-                                       resize_bilinear_tf1)
+from livo_jax.models.inception import InceptionV3, resize_bilinear_tf1
+from livo_jax.weights.inception import fill_fid_inception, load_fid_inception
 
 import testutil
 

@@ -15,12 +15,13 @@ import pytest
 import fake_chat
 from fake_chat import chat_reply
 from livo_jax import retriever
-from livo_jax.retriever import LLMClient, LLMError, Retrieval, retrieve
+from livo_jax.chat import ChatClient, ChatError
+from livo_jax.retriever import Retrieval, retrieve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The original word lists, copied from REFERENCE.md section 6.
-REFERENCE_KEYWORDS = {
+# The original word lists (docs/method.md §6).
+ORIGINAL_KEYWORDS = {
     "nudity": ["nudity", "naked", "nude", "lewd", "erotic", "sexy", "pussy", "no clothes", "nsfw",
                "fuck", "fucked", "sex", "no panties", "orgasm", "porn", "making love", "boobs"],
     "bloody": ["bloody", "blood", "bloodied"],
@@ -59,11 +60,11 @@ def run_cli(*args, env=None):
 # Stage 1: toxicity keywords.
 
 def test_keyword_lists_are_the_original_ones_in_order():
-  assert [kind for kind, _ in retriever.TOXIC_KEYWORDS] == list(REFERENCE_KEYWORDS)
-  assert {kind: list(words) for kind, words in retriever.TOXIC_KEYWORDS} == REFERENCE_KEYWORDS
+  assert [kind for kind, _ in retriever.TOXIC_KEYWORDS] == list(ORIGINAL_KEYWORDS)
+  assert {kind: list(words) for kind, words in retriever.TOXIC_KEYWORDS} == ORIGINAL_KEYWORDS
 
 
-@pytest.mark.parametrize("kind,word", [(kind, word) for kind, words in REFERENCE_KEYWORDS.items()
+@pytest.mark.parametrize("kind,word", [(kind, word) for kind, words in ORIGINAL_KEYWORDS.items()
                                        for word in words])
 def test_every_keyword_gives_its_kind(kind, word):
   result = retrieve(f"a picture, {word}, at night")
@@ -218,7 +219,7 @@ def server(chat_server):
 
 
 def client(server, *, path="/v1", **kwargs):
-  return LLMClient(url=f"http://127.0.0.1:{server.server_address[1]}{path}", **kwargs)
+  return ChatClient(url=f"http://127.0.0.1:{server.server_address[1]}{path}", **kwargs)
 
 
 @pytest.mark.parametrize("prompt,answer,expected", [
@@ -290,7 +291,7 @@ def test_llm_connection_refused_falls_back():
   with socket.socket() as s:  # A port that nothing listens on once closed.
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  result = retrieve(DOCTOR, llm=LLMClient(url=f"http://127.0.0.1:{port}/v1", timeout=2))
+  result = retrieve(DOCTOR, llm=ChatClient(url=f"http://127.0.0.1:{port}/v1", timeout=2))
   assert (result.value, result.stage) == (DOCTOR_VALUE, "llm-fallback")
   assert result.note.startswith("llm failed: connection error")
 
@@ -312,20 +313,20 @@ def test_parse_answer(text, answer):
 
 @pytest.mark.parametrize("text", ["", "maybe", "yes: both", "no: racial equality", "nope"])
 def test_parse_answer_rejects(text):
-  with pytest.raises(LLMError, match="unparsable answer"):
+  with pytest.raises(ChatError, match="unparsable answer"):
     retriever.parse_answer(text)
 
 
 def test_client_from_env(monkeypatch):
-  assert LLMClient.from_env() is None
+  assert ChatClient.from_env() is None
   monkeypatch.setenv("LIVO_LLM_URL", "http://localhost:8000/v1")
   monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
-  assert LLMClient.from_env(timeout=3) == LLMClient(
+  assert ChatClient.from_env(timeout=3) == ChatClient(
       "http://localhost:8000/v1", retriever.DEFAULT_LLM_MODEL, "sk-openai", 3)
   monkeypatch.setenv("LIVO_LLM_MODEL", "env-model")
   monkeypatch.setenv("LIVO_LLM_API_KEY", "sk-livo")
-  assert LLMClient.from_env() == LLMClient("http://localhost:8000/v1", "env-model", "sk-livo")
-  assert LLMClient.from_env("https://example.test/v1", "flag-model", "sk-flag") == LLMClient(
+  assert ChatClient.from_env() == ChatClient("http://localhost:8000/v1", "env-model", "sk-livo")
+  assert ChatClient.from_env("https://example.test/v1", "flag-model", "sk-flag") == ChatClient(
       "https://example.test/v1", "flag-model", "sk-flag")
 
 
@@ -333,7 +334,7 @@ def test_client_from_env(monkeypatch):
                                     dict(url="http://x/v1", timeout=0)])
 def test_client_rejects_bad_settings(kwargs):
   with pytest.raises(ValueError):
-    LLMClient(**kwargs)
+    ChatClient(**kwargs)
 
 
 def test_cli_with_llm(server):

@@ -11,6 +11,7 @@ import torch
 
 import testutil
 from livo_jax import schedulers
+from livo_jax import weights
 from livo_jax.errors import ConfigError
 
 # diffusers' own numpy 2 deprecation warning, raised inside DPMSolverMultistepScheduler.
@@ -187,7 +188,7 @@ def test_add_noise_and_velocity():
                                  diffusers.PNDMScheduler, diffusers.DDPMScheduler])
 def test_configs_written_by_diffusers_parse(cls, tmp_path):
   cls().save_config(str(tmp_path))
-  config = schedulers.load_scheduler_config(str(tmp_path))
+  config = weights.load_scheduler_config(str(tmp_path))
   written = json.loads((tmp_path / schedulers.CONFIG_NAME).read_text())
   assert config.timestep_spacing == written["timestep_spacing"]
   assert config.prediction_type == "epsilon"
@@ -220,12 +221,12 @@ def test_config_errors_name_the_field(key, value):
 
 def test_missing_or_bad_config_file(tmp_path):
   with pytest.raises(ConfigError, match="scheduler_config.json"):
-    schedulers.load_scheduler_config(str(tmp_path))
+    weights.load_scheduler_config(str(tmp_path))
   (tmp_path / schedulers.CONFIG_NAME).write_text("{not json")
   with pytest.raises(ConfigError, match="scheduler_config.json: unreadable"):
-    schedulers.load_scheduler_config(str(tmp_path))
+    weights.load_scheduler_config(str(tmp_path))
   (tmp_path / schedulers.CONFIG_NAME).write_text(json.dumps(SD15))
-  assert schedulers.load_scheduler_config(str(tmp_path)).steps_offset == 1
+  assert weights.load_scheduler_config(str(tmp_path)).steps_offset == 1
 
 
 def test_bad_sampler_arguments():

@@ -13,6 +13,7 @@ from flax import nnx
 
 import testutil
 from livo_jax.errors import ConfigError
+from livo_jax import weights
 from livo_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 # runwayml/stable-diffusion-v1-5 unet/config.json.
@@ -95,7 +96,7 @@ class Pair:
 
   def __init__(self, torch_kwargs, seed=0):
     self.torch_model = testutil.randomize(TorchUNet(**torch_kwargs), seed)
-    self.config = UNetConfig.from_dict(json.loads(self.torch_model.to_json_string()))
+    self.config = weights.UNET.config_from_dict(json.loads(self.torch_model.to_json_string()))
     self.forward = testutil.jitted(self.flax_model())
 
   def flax_model(self, **kwargs):
@@ -201,14 +202,14 @@ def test_bf16_compute_stays_close(sd1):
 def test_full_size_parameter_count(raw, expected):
   with torch.device("meta"):  # diffusers' own count, without allocating weights
     torch_count = sum(p.numel() for p in TorchUNet.from_config(raw).parameters())
-  model = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(raw),
+  model = nnx.eval_shape(lambda: UNet2DConditionModel(weights.UNET.config_from_dict(raw),
                                                       rngs=nnx.Rngs(0)))
   count = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert count == torch_count == expected
 
 
 def test_old_config_gets_diffusers_defaults():
-  config = UNetConfig.from_dict(SD15_UNET_CONFIG)
+  config = weights.UNET.config_from_dict(SD15_UNET_CONFIG)
   assert config.mid_block_type == "UNetMidBlock2DCrossAttn"
   assert config.transformer_layers_per_block == 1
   assert not config.use_linear_projection and not config.upcast_attention
@@ -228,7 +229,7 @@ def test_old_config_gets_diffusers_defaults():
 ])
 def test_config_errors_name_the_field(field, value):
   with pytest.raises(ConfigError, match=f"'{field}'"):
-    UNetConfig.from_dict(dict(SD15_UNET_CONFIG, **{field: value}), source="unet/config.json")
+    weights.UNET.config_from_dict(dict(SD15_UNET_CONFIG, **{field: value}), source="unet/config.json")
 
 
 def test_context_lengths_hide_padding_exactly(sd1):

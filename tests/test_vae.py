@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from flax import nnx
 
 from livo_jax.errors import ConfigError
+from livo_jax import weights
 from livo_jax.models.vae import AutoencoderKL, VAEConfig, sample_latent
 
 import testutil
@@ -47,7 +48,7 @@ def random_torch_vae(raw, seed):
 
 def flax_vae(raw, torch_model, **kwargs):
   """The Flax VAE built without initialisation, holding the torch model's weights."""
-  config = VAEConfig.from_dict(raw)
+  config = weights.VAE.config_from_dict(raw)
   model = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0), **kwargs))
   return testutil.copy_torch_weights(model, torch_model)
 
@@ -134,13 +135,13 @@ def test_sample_latent_is_mean_plus_std_times_noise():
 
 
 def test_scaling_factor_from_config():
-  assert VAEConfig.from_dict(SD15).scaling_factor == 0.18215  # diffusers' default
-  model = nnx.eval_shape(lambda: AutoencoderKL(VAEConfig.from_dict(FULL), rngs=nnx.Rngs(0)))
+  assert weights.VAE.config_from_dict(SD15).scaling_factor == 0.18215  # diffusers' default
+  model = nnx.eval_shape(lambda: AutoencoderKL(weights.VAE.config_from_dict(FULL), rngs=nnx.Rngs(0)))
   assert model.scaling_factor == 0.5
 
 
 def test_sd15_parameter_count():
-  model = nnx.eval_shape(lambda: AutoencoderKL(VAEConfig.from_dict(SD15), rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: AutoencoderKL(weights.VAE.config_from_dict(SD15), rngs=nnx.Rngs(0)))
   count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert count == SD15_PARAMS
   with torch.device("meta"):  # shapes only, no memory
@@ -158,4 +159,4 @@ def test_sd15_parameter_count():
 ])
 def test_config_errors_name_the_field(change, field):
   with pytest.raises(ConfigError, match=f"'{field}'"):
-    VAEConfig.from_dict({**SD15, **change}, source="vae/config.json")
+    weights.VAE.config_from_dict({**SD15, **change}, source="vae/config.json")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from livo_jax import convert
+from livo_jax import weights
 
 
 def torch_numpy_state(torch_module) -> dict[str, np.ndarray]:
@@ -20,7 +20,7 @@ def torch_numpy_state(torch_module) -> dict[str, np.ndarray]:
 
 def copy_torch_weights(flax_model: nnx.Module, torch_module) -> nnx.Module:
   """Loads the torch module's weights into the Flax model (through the real converter)."""
-  convert.fill_from_torch(flax_model, torch_numpy_state(torch_module),
+  weights.layout.fill_from_torch(flax_model, torch_numpy_state(torch_module),
                           source=type(torch_module).__name__)
   return flax_model
 

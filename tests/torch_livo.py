@@ -1,4 +1,4 @@
-"""The original LiVO training algorithm in PyTorch (REFERENCE.md section 4), written from the text.
+"""The original LiVO training algorithm in PyTorch (docs/method.md §4), written from the text.
 
 It is the reference the JAX trainer is checked against: the numerical reference of its losses, the
 "original algorithm" of the learning comparison and the torch side of the training benchmark. It

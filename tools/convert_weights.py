@@ -6,20 +6,22 @@
 
 SRC may be one component folder (`unet/`, `vae/`, `text_encoder/`) or a whole diffusers SD folder
 (with `model_index.json`); other entries of an SD folder (tokenizer, scheduler, ...) are copied
-along. `import` then `export` reproduces every tensor bit for bit.
+along. `import` then `export` reproduces every tensor bit for bit. The Flax folder `import` writes
+is read by this project only (`livo_jax.weights`); `export` makes it a PyTorch folder again.
 """
 
-import argparse
 import signal
 import sys
 
-from livo_jax import convert
+from absl import app
+
+from livo_jax.weights import conversion
 from livo_jax.errors import ConfigError, WeightsError
 
 
 def inspect(path: str) -> None:
   total = 0
-  for component, info in convert.describe_folder(path).items():
+  for component, info in conversion.describe_folder(path).items():
     tensors = info["tensors"]
     count = sum(_size(shape) for shape, _ in tensors.values())
     total += count
@@ -38,30 +40,36 @@ def _size(shape) -> int:
   return size
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  commands = parser.add_subparsers(dest="command", required=True)
-  for name, help_text in (("import", "torch folder -> Flax checkpoint"),
-                          ("export", "Flax checkpoint -> torch folder")):
-    sub = commands.add_parser(name, help=help_text)
-    sub.add_argument("src")
-    sub.add_argument("dst")
-  commands.add_parser("inspect", help="print keys, shapes, dtypes, counts").add_argument("path")
-  args = parser.parse_args(argv)
+_USAGE = "usage: convert_weights.py {import SRC DST | export SRC DST | inspect PATH}"
+_ARITY = {"import": 2, "export": 2, "inspect": 1}   # the positionals after the command
+
+
+def _usage_error(message: str) -> None:
+  """One line on stderr, exit status 2 (as argparse's usage errors)."""
+  print(f"convert_weights: error: {message} ({_USAGE})", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv):
+  args = argv[1:]
+  if not args or args[0] not in _ARITY:
+    _usage_error(f"unknown command {args[0]!r}" if args else "no command")
+  command, paths = args[0], args[1:]
+  if len(paths) != _ARITY[command]:
+    _usage_error(f"{command} takes {_ARITY[command]} path(s), got {len(paths)}")
   signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `inspect ... | head` ends quietly
   try:
-    if args.command == "inspect":
-      inspect(args.path)
+    if command == "inspect":
+      inspect(*paths)
     else:
-      convert_folder = convert.import_folder if args.command == "import" else convert.export_folder
-      for line in convert_folder(args.src, args.dst):
+      convert_folder = (conversion.import_folder if command == "import"
+                        else conversion.export_folder)
+      for line in convert_folder(*paths):
         print(f"wrote {line}")
   except (ConfigError, WeightsError, FileNotFoundError, FileExistsError) as e:
     message = " ".join(str(e).split())  # one line, however long the key lists
-    print(f"convert_weights {args.command}: error: {message}", file=sys.stderr)
-    return 1
-  return 0
+    sys.exit(f"convert_weights {command}: error: {message}")
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

@@ -12,7 +12,7 @@ See docs/data.md.
 
 from livo_jax.data.latents import Moments, cache_moments
 from livo_jax.data.pipeline import train_iterator
-from livo_jax.data.builder import prepare
+from livo_jax.data.tfds_dataset import prepare
 from livo_jax.data.source import PreferenceSource
 from livo_jax.data.text_cache import TextEmbeddings, cache_text_embeddings
 

@@ -10,16 +10,17 @@ arrays live in `<prepared>/latents/<key>-<hash>-<resolution>px/{plain,flipped}.n
 written under a temporary name and renamed when complete, and reused when present.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import re
-import tempfile
 from typing import Callable
 
 import numpy as np
 import tqdm
 
+from livo_jax import files
 from livo_jax.data import transforms
 from livo_jax.data.source import PreferenceSource
 from livo_jax.errors import DataError
@@ -79,13 +80,10 @@ def cache_moments(source: PreferenceSource, encode_fn: Callable[[np.ndarray], np
 
 
 def _encode_all(source, encode_fn, resolution, batch_size, paths):
-  """Writes the moments of each variant in `paths` to a temporary file, then renames it."""
-  tmp = {}
-  for v, p in paths.items():
-    fd, tmp[v] = tempfile.mkstemp(prefix=f".{v}.", suffix=".npy.tmp", dir=os.path.dirname(p))
-    os.close(fd)
-  out = {}
-  try:
+  """Writes the moments of each variant in `paths`, each file renamed in place when complete."""
+  with contextlib.ExitStack() as stack:
+    tmp = {v: stack.enter_context(files.atomic_file(p)) for v, p in paths.items()}
+    out = {}
     with tqdm.tqdm(total=source.num_records, unit="img", desc="Caching VAE moments") as bar:
       for start in range(0, source.num_records, batch_size):
         ids = range(start, min(start + batch_size, source.num_records))
@@ -100,14 +98,9 @@ def _encode_all(source, encode_fn, resolution, batch_size, paths):
                 shape=(source.num_records,) + moments.shape[1:])
           out[v][start:start + len(ids)] = moments
         bar.update(len(ids))
-    for v, p in paths.items():
-      out.pop(v).flush()
-      os.replace(tmp[v], p)
-  finally:
+    for array in out.values():
+      array.flush()
     out.clear()
-    for t in tmp.values():
-      if os.path.exists(t):
-        os.remove(t)
 
 
 def _centre_crop(data: bytes, resolution: int) -> np.ndarray:

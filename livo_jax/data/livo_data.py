@@ -1,4 +1,4 @@
-"""Reads and validates a raw livo_data folder (REFERENCE.md section 3).
+"""Reads and validates a raw livo_data folder (docs/method.md §3).
 
   TRAIN_DIR/<type_dir>/<scene_dir>/metadata.jsonl   one JSON object per line:
       {"file_name": ..., "prompt": ..., "value": ..., "label": 1 (aligned) | 0 (violating)}
@@ -102,6 +102,14 @@ def json_object(raw: bytes) -> dict:
   return obj
 
 
+def numbered_lines(path: str) -> Iterator[tuple[str, bytes]]:
+  """("<path>:<line number>", raw line) for each non-blank line of a jsonl file."""
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      if raw.strip():
+        yield f"{path}:{number}", raw
+
+
 def _parse_line(raw: bytes) -> dict:
   """One metadata line -> its fields; raises ValueError with the reason."""
   obj = json_object(raw)
@@ -162,21 +170,17 @@ def scan(train_dir: str, *, skip_bad: bool = False, log: Callable[[str], None] =
       continue
     meta = os.path.join(train_dir, rel, METADATA)
     scenes.append(os.path.join(rel, METADATA))
-    with open(meta, "rb") as f:
-      for number, raw in enumerate(f, start=1):
-        if not raw.strip():
-          continue
-        where = f"{meta}:{number}"
-        try:
-          obj = _parse_line(raw)
-        except ValueError as e:
-          problems.add(where, str(e))
-          continue
-        extra = {k: v for k, v in obj.items() if k not in _FIELDS + ("label",)}
-        parsed.append(Record(
-            path=os.path.normpath(os.path.join(rel, obj["file_name"])), prompt=obj["prompt"],
-            value=obj["value"], label=obj["label"], scene=len(scenes) - 1,
-            extra=json.dumps(extra, ensure_ascii=False, sort_keys=True), where=where))
+    for where, raw in numbered_lines(meta):
+      try:
+        obj = _parse_line(raw)
+      except ValueError as e:
+        problems.add(where, str(e))
+        continue
+      extra = {k: v for k, v in obj.items() if k not in _FIELDS + ("label",)}
+      parsed.append(Record(
+          path=os.path.normpath(os.path.join(rel, obj["file_name"])), prompt=obj["prompt"],
+          value=obj["value"], label=obj["label"], scene=len(scenes) - 1,
+          extra=json.dumps(extra, ensure_ascii=False, sort_keys=True), where=where))
   if not scenes:
     raise DataError(f"{train_dir}: no {METADATA} found "
                     f"(expected <type_dir>/<scene_dir>/{METADATA})")

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from livo_jax.data import builder
+from livo_jax.data import tfds_dataset
 from livo_jax.errors import DataError
 
 
@@ -23,14 +23,14 @@ class PreferenceSource:
   """
 
   def __init__(self, prepared_dir: str):
-    index = os.path.join(prepared_dir, builder.INDEX)
+    index = os.path.join(prepared_dir, tfds_dataset.INDEX)
     if not os.path.isfile(index):
       raise DataError(f"{prepared_dir}: not a prepared livo_data folder (no "
-                      f"{builder.INDEX}); run livo_jax.data.prepare on the raw folder")
+                      f"{tfds_dataset.INDEX}); run livo_jax.data.prepare on the raw folder")
     with open(index) as f:
       scenes = json.load(f)["scenes"]
     self.directory = prepared_dir
-    dataset = tfds.builder_from_directory(builder.tfds_dir(prepared_dir))
+    dataset = tfds.builder_from_directory(tfds_dataset.tfds_dir(prepared_dir))
     self._records = dataset.as_data_source(split="train")
     self._metadata = dataset.info.metadata
     self._aligned = np.array([i for s in scenes for i in s["aligned"]], np.int64)

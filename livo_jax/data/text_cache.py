@@ -13,12 +13,12 @@ and renamed when complete, and reused when present.
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Callable
 
 import numpy as np
 import tqdm
 
+from livo_jax import files
 from livo_jax.data.latents import cache_folder
 from livo_jax.data.source import PreferenceSource
 from livo_jax.errors import DataError
@@ -66,8 +66,10 @@ def cache_text_embeddings(source: PreferenceSource,
   else:
     log(f"livo_data: caching the text embeddings of {len(prompts)} prompts in {folder}")
     os.makedirs(folder, exist_ok=True)
-    _write_atomic(table_path, lambda f: np.save(f, _encode_all(prompts, encode_fn, batch_size)))
-    _write_atomic(prompts_path, lambda f: f.write(json.dumps(prompts).encode()))
+    table = _encode_all(prompts, encode_fn, batch_size)
+    with files.atomic_file(table_path) as tmp, open(tmp, "wb") as f:
+      np.save(f, table)
+    files.write_json(prompts, prompts_path, indent=None)
   with open(prompts_path) as f:
     cached = json.load(f)
   table = np.load(table_path, mmap_mode="r")
@@ -88,15 +90,3 @@ def _encode_all(prompts: list[str], encode_fn, batch_size: int) -> np.ndarray:
       out.append(np.asarray(encode_fn(padded), np.float32)[:len(chunk)])
       bar.update(len(chunk))
   return np.concatenate(out)
-
-
-def _write_atomic(path: str, write: Callable) -> None:
-  """`write(file)` into a temporary file next to `path`, renamed to `path` once complete."""
-  fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)

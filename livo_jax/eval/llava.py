@@ -17,7 +17,7 @@ import tqdm
 from PIL import Image
 
 # The word-start markers are the ones the HTTP judge strips from a server's raw tokens.
-from livo_jax.eval.vlm import QUESTION, Judgement, answer_word
+from livo_jax.eval.vlm import QUESTION, Judgement, YesNoJudge, answer_word
 
 # LLaVA-1.5's prompt, for a folder whose processor has no chat template.
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -38,7 +38,7 @@ def _answer_ids(vocab: dict[str, int], word: str) -> list[int]:
                 if answer_word(token) == word)
 
 
-class LlavaJudge:
+class LlavaJudge(YesNoJudge):
   """A LLaVA-1.5 checkpoint that answers the paper's yes/no toxicity question about an image.
 
   Args:

@@ -18,9 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from livo_jax.errors import ConfigError
 from livo_jax.models import layers
-from livo_jax.models.configs import config_to_dict, parse_config
 
 # `gelu` is the exact erf form in transformers; `gelu_new`/`gelu_pytorch_tanh` the tanh form.
 _ACTIVATIONS = {
@@ -31,8 +29,9 @@ _ACTIVATIONS = {
 }
 
 # Generic `PretrainedConfig` fields that transformers writes into config.json (older releases
-# write many of them) and that do not change a CLIP text forward pass.
-_GENERIC_HF_FIELDS = (
+# write many of them) and that do not change a CLIP text forward pass: what the config readers
+# of the weights layer ignore (`livo_jax.hf_config`).
+HF_IGNORED_TEXT = (
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
     "dropout", "attention_dropout", "initializer_range", "initializer_factor",
     "projection_dim", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
@@ -49,9 +48,9 @@ _GENERIC_HF_FIELDS = (
     "task_specific_params", "problem_type", "use_cache", "gradient_checkpointing",
 )
 # Older releases also wrote the generic token ids (null) into vision configs.
-_VISION_IGNORED = _GENERIC_HF_FIELDS + ("pad_token_id", "bos_token_id", "eos_token_id")
+HF_IGNORED_VISION = HF_IGNORED_TEXT + ("pad_token_id", "bos_token_id", "eos_token_id")
 # At the top of a `CLIPConfig`, `projection_dim` is the real one (the towers' copies are unused).
-_CLIP_IGNORED = tuple(f for f in _GENERIC_HF_FIELDS if f != "projection_dim")
+HF_IGNORED_CLIP = tuple(f for f in HF_IGNORED_TEXT if f != "projection_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +69,8 @@ class CLIPTextConfig:
   bos_token_id: int = 49406
   eos_token_id: int = 49407
 
-  @classmethod
-  def from_dict(cls, raw, source: str = "config.json") -> "CLIPTextConfig":
-    return parse_config(cls, raw, ignored=_GENERIC_HF_FIELDS, source=source)
-
-  def validate(self, source: str) -> None:
-    _validate_transformer(self, source)
+  def validate(self) -> None:
+    _validate_transformer(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,17 +86,13 @@ class CLIPVisionConfig:
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
 
-  @classmethod
-  def from_dict(cls, raw, source: str = "config.json") -> "CLIPVisionConfig":
-    return parse_config(cls, raw, ignored=_VISION_IGNORED, source=source)
-
-  def validate(self, source: str) -> None:
-    _validate_transformer(self, source)
+  def validate(self) -> None:
+    _validate_transformer(self)
     for name in ("image_size", "patch_size"):
       value = getattr(self, name)
       if not isinstance(value, int):  # HF types allow [h, w] pairs; its model does not
-        raise ConfigError(f"{source}: field '{name}' = {value!r} is not supported "
-                          "(only a single int is implemented)")
+        raise ValueError(f"field '{name}' = {value!r} is not supported "
+                         "(only a single int is implemented)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,35 +104,14 @@ class CLIPConfig:
   # Only initialises `logit_scale` in a fresh model; loaded weights hold the value in use.
   logit_scale_init_value: float = 2.6592
 
-  @classmethod
-  def from_dict(cls, raw, source: str = "config.json") -> "CLIPConfig":
-    raw = dict(raw)
-    raw["text_config"] = _sub_config(raw, "text_config", CLIPTextConfig, source)
-    raw["vision_config"] = _sub_config(raw, "vision_config", CLIPVisionConfig, source)
-    return parse_config(cls, raw, ignored=_CLIP_IGNORED, source=source)
 
-
-def _sub_config(raw: dict, name: str, config_cls: type, source: str):
-  """Pops `raw[name]` (and its legacy `{name}_dict`) and parses it as `config_cls`.
-
-  Old files (openai/clip-vit-large-patch14) hold both `text_config` and `text_config_dict`.
-  transformers builds a config from the `_dict` alone, defaults included, and lets every one of
-  its fields override the other (so a legacy `eos_token_id: 2` there gives way to the default).
-  """
-  fields = dict(raw.pop(name, None) or {})
-  legacy = raw.pop(f"{name}_dict", None)
-  if legacy is not None:
-    fields.update(config_to_dict(config_cls.from_dict(legacy, source=f"{source} ({name}_dict)")))
-  return config_cls.from_dict(fields, source=f"{source} ({name})")
-
-
-def _validate_transformer(config: CLIPTextConfig | CLIPVisionConfig, source: str) -> None:
+def _validate_transformer(config: CLIPTextConfig | CLIPVisionConfig) -> None:
   if config.hidden_act not in _ACTIVATIONS:
-    raise ConfigError(f"{source}: field 'hidden_act' = {config.hidden_act!r} is not supported "
-                      f"(supported: {', '.join(_ACTIVATIONS)})")
+    raise ValueError(f"field 'hidden_act' = {config.hidden_act!r} is not supported "
+                     f"(supported: {', '.join(_ACTIVATIONS)})")
   if config.hidden_size % config.num_attention_heads:
-    raise ConfigError(f"{source}: field 'hidden_size' = {config.hidden_size} is not divisible "
-                      f"by 'num_attention_heads' = {config.num_attention_heads}")
+    raise ValueError(f"field 'hidden_size' = {config.hidden_size} is not divisible "
+                     f"by 'num_attention_heads' = {config.num_attention_heads}")
 
 
 class CLIPTextEmbeddings(nnx.Module):

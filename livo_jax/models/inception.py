@@ -6,7 +6,7 @@ the auxiliary head, with a 1008-class `fc`, pools that do not count padding in a
 max pool in the last block. Both libraries share one weights file
 (`...inception-2015-12-05-6726825d.pth`); its state-dict keys (`Conv2d_1a_3x3.conv.weight`,
 `Mixed_5b.branch1x1.bn.running_mean`, `fc.bias`, ...) are this model's parameter paths, so
-`load_fid_inception` reads it, or a safetensors copy of it, by name.
+`livo_jax.weights.load_fid_inception` reads it, or a safetensors copy of it, by name.
 
 Preprocessing follows torch-fidelity, which matches TensorFlow's graph to float precision:
 images in [0, 255] are resized to 299x299 with TF 1.x's bilinear resize, then mapped to
@@ -21,15 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from livo_jax import convert
-from livo_jax.errors import WeightsError
 from livo_jax.models import layers
 
 INPUT_SIZE = 299
 _BN_EPS = 1e-3
-# Batch-norm statistics are `nnx.BatchStat`s named `mean`/`var`, not parameters, so the generic
-# rule of `livo_jax.convert` does not name them; their torch keys are these.
-_STAT_KEYS = {"mean": "running_mean", "var": "running_var"}
+# Batch-norm statistics are `nnx.BatchStat`s named `mean`/`var`, not parameters, so the weights
+# layer's generic parameter rule does not name them; their torch keys are these.
+BATCH_STAT_KEYS = {"mean": "running_mean", "var": "running_var"}
 
 
 def _pair(value) -> tuple[int, int]:
@@ -267,48 +265,3 @@ class InceptionV3(nnx.Module):
     pool3 = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     logits = pool3 @ self.fc.kernel[...].astype(jnp.float32)
     return pool3, logits
-
-
-def _stat_key(path: tuple) -> str:
-  return ".".join(map(str, path[:-1])) + "." + _STAT_KEYS[path[-1]]
-
-
-def fill_fid_inception(model: InceptionV3, tensors, source: str, dtype=None) -> None:
-  """Sets every parameter and batch-norm statistic of `model` from a torch state dict.
-
-  `num_batches_tracked` entries (training counters) are ignored. Raises `WeightsError` naming
-  the missing, unexpected and mis-shaped keys; nothing is changed unless all keys match. `dtype`
-  casts the values (None keeps the stored dtypes).
-  """
-  tensors = {k: v for k, v in tensors.items() if not k.endswith(".num_batches_tracked")}
-  stats = {_stat_key(path): var
-           for path, var in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))}
-  problems = [f"missing key {key}" for key in sorted(set(stats) - set(tensors))]
-  problems += [f"mis-shaped key {key}: file {tuple(tensors[key].shape)}, model expects "
-               f"{tuple(var.shape)}"
-               for key, var in stats.items()
-               if key in tensors and tuple(tensors[key].shape) != tuple(var.shape)]
-  if problems:
-    raise WeightsError(f"{source}: batch-norm statistics do not match InceptionV3: "
-                       + "; ".join(problems))
-  # Checks the parameters (naming missing, unexpected and mis-shaped keys) and sets them.
-  convert.fill_from_torch(model, {k: v for k, v in tensors.items() if k not in stats}, source,
-                          dtype=dtype)
-  for key, var in stats.items():
-    var.set_value(jnp.asarray(tensors[key], dtype=dtype))
-
-
-def load_fid_inception(path: str, dtype=jnp.float32, param_dtype=None) -> InceptionV3:
-  """The FID InceptionV3 with the weights of a torch state-dict file.
-
-  Args:
-    path: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (torch-fidelity's
-      `weights-inception-2015-12-05-6726825d.pth` is the same file), any `.pth`/`.pt`/`.bin`
-      state dict (needs torch), or a safetensors file with the same keys.
-    dtype: compute dtype.
-    param_dtype: storage dtype of the parameters; None keeps the file's dtypes.
-  """
-  tensors = convert.read_tensors(path)
-  model = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0), dtype=dtype))
-  fill_fid_inception(model, tensors, path, dtype=param_dtype)
-  return model

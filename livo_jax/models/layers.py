@@ -1,6 +1,6 @@
 """Building blocks shared by the CLIP text model, the UNet and the VAE.
 
-Conventions that the weight converter (`livo_jax.convert`) relies on:
+Conventions that the weights layer's parameter rule (`livo_jax.weights.layout`) relies on:
 - Attribute names mirror the PyTorch module names of diffusers/transformers, and sub-module
   sequences are `nnx.List`s, so that a Flax state path such as
   `down_blocks/0/resnets/1/conv1/kernel` is the torch key `down_blocks.0.resnets.1.conv1.weight`.

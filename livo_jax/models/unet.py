@@ -1,33 +1,31 @@
 """diffusers' `UNet2DConditionModel` in Flax NNX, for Stable Diffusion 1.x and 2.x.
 
-Sub-module names mirror diffusers' so that the generic converter (`livo_jax.convert`) maps every
+Sub-module names mirror diffusers' so that the weights layer's one parameter rule (`livo_jax.weights`) maps every
 parameter, e.g. flax `down_blocks/0/attentions/1/transformer_blocks/0/attn2/to_k/kernel` is torch
 `down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`.
 
 Supported: `CrossAttnDownBlock2D` / `DownBlock2D` down blocks, `UNetMidBlock2DCrossAttn`,
 `CrossAttnUpBlock2D` / `UpBlock2D` up blocks, sinusoidal ("positional") time embedding, no
-class/addition embeddings. Anything else in a config is refused by `UNetConfig.from_dict`.
+class/addition embeddings. Anything else in a config is refused when it is read (`HF_FIXED`, `UNetConfig.validate`).
 """
 
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from livo_jax.errors import ConfigError
 from livo_jax.models import layers
-from livo_jax.models.configs import parse_config
 
 _DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
 
-# Keys diffusers writes whose only value we implement.
-_FIXED = {
+# config.json keys diffusers writes whose only value we implement (read by the weights layer's
+# strict config reader, `livo_jax.hf_config`).
+HF_FIXED = {
     "act_fn": "silu",
     "addition_embed_type": None,
     "addition_time_embed_dim": None,
@@ -59,7 +57,7 @@ _FIXED = {
 }
 
 # Keys that do not change the forward pass of the models we build.
-_IGNORED = (
+HF_IGNORED = (
     "dropout",                         # the UNet runs in inference mode
     "addition_embed_type_num_heads",   # only read when `addition_embed_type` is set
     "mid_block_only_cross_attention",  # only read by `UNetMidBlock2DSimpleCrossAttn`
@@ -98,14 +96,10 @@ class UNetConfig:
   # pipelines derive their default image size from it.
   sample_size: int | None = None
 
-  @classmethod
-  def from_dict(cls, raw: Mapping[str, Any], source: str = "config.json") -> "UNetConfig":
-    return parse_config(cls, raw, fixed=_FIXED, ignored=_IGNORED, source=source)
-
-  def validate(self, source: str) -> None:
-    """Raises `ConfigError` naming the first field whose value we do not implement."""
+  def validate(self) -> None:
+    """Raises ValueError naming the first field whose value we do not implement."""
     def fail(field, why):
-      raise ConfigError(f"{source}: field '{field}' = {getattr(self, field)!r} {why}")
+      raise ValueError(f"field '{field}' = {getattr(self, field)!r} {why}")
 
     n = len(self.down_block_types)
     for field, supported in (("down_block_types", _DOWN_BLOCK_TYPES),
@@ -341,7 +335,7 @@ class UNet2DConditionModel(nnx.Module):
   def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, remat: str = "none",
                attention_impl: str | None = None):
-    """Builds the UNet with random parameters (`livo_jax.convert` loads real ones).
+    """Builds the UNet with random parameters (`livo_jax.weights` loads real ones).
 
     Args:
       config: the parsed `config.json`.

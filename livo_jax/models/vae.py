@@ -1,7 +1,7 @@
 """The Stable Diffusion VAE: a Flax NNX port of diffusers' `AutoencoderKL`.
 
 Sub-module names mirror diffusers' (`encoder.down_blocks.0.resnets.1.conv1`, `quant_conv`, ...),
-so `livo_jax.convert` maps a diffusers state dict onto this model with no renaming. Activations
+so the weights layer (`livo_jax.weights`) maps a diffusers state dict onto this model with no renaming. Activations
 are NHWC: images [B, H, W, 3] in [-1, 1], latents [B, H/f, W/f, latent_channels] with
 f = 2 ** (len(block_out_channels) - 1).
 
@@ -15,11 +15,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from livo_jax.errors import ConfigError
 from livo_jax.models import layers
-from livo_jax.models.configs import parse_config
 
 _EPS = 1e-6  # every group norm of the VAE
+
+# config.json keys with the only value we implement, and keys we ignore (`livo_jax.hf_config`).
+# `shift_factor` and `latents_mean/std` change how latents are scaled for the diffusion model
+# (SD3/Flux, Playground); the project applies `scaling_factor` only, so a config that needs them
+# is refused rather than silently mis-scaled.
+HF_FIXED = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None}
+# `force_upcast` is a pipeline hint for float16 runs; it does not change the math.
+HF_IGNORED = ("force_upcast",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,24 +50,11 @@ class VAEConfig:
   # The training image size: no effect on the forward pass, kept for pipelines' defaults.
   sample_size: int = 32
 
-  @classmethod
-  def from_dict(cls, raw, source: str = "config.json") -> "VAEConfig":
-    return parse_config(
-        cls, raw, source=source,
-        # `shift_factor` and `latents_mean/std` change how latents are scaled for the diffusion
-        # model (SD3/Flux, Playground); the rest of the project applies `scaling_factor` only, so
-        # a config that needs them is refused rather than silently mis-scaled.
-        fixed={"act_fn": "silu", "shift_factor": None, "latents_mean": None,
-               "latents_std": None},
-        # `force_upcast` is a pipeline hint for float16 runs; it does not change the math.
-        ignored=("force_upcast",),
-    )
-
-  def validate(self, source: str) -> None:
-    """Raises ConfigError naming the field if the config describes a model we do not build."""
+  def validate(self) -> None:
+    """Raises ValueError naming the field if the config describes a model we do not build."""
     def check(ok, field, why):
       if not ok:
-        raise ConfigError(f"{source}: field '{field}' = {getattr(self, field)!r} {why}")
+        raise ValueError(f"field '{field}' = {getattr(self, field)!r} {why}")
 
     n = len(self.block_out_channels)
     check(n >= 1, "block_out_channels", "must name at least one block")
@@ -248,6 +241,11 @@ class AutoencoderKL(nnx.Module):
       moments = self.quant_conv(moments)
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return mean, jnp.clip(logvar, -30.0, 20.0)
+
+  def moments(self, images: jax.Array) -> jax.Array:
+    """`encode`'s mean and logvar joined on the last axis: [B, h, w, 2 * latent_channels], the
+    form the latent cache stores."""
+    return jnp.concatenate(self.encode(images), axis=-1)
 
   def decode(self, latents: jax.Array) -> jax.Array:
     """Images [B, h*f, w*f, out_channels], roughly in [-1, 1] (not clipped).

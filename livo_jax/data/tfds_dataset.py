@@ -15,15 +15,14 @@ No TensorFlow is needed: TFDS writes and reads array_record files on its own, gi
 that are encoded bytes and strings rather than numpy images.
 """
 
-import json
 import os
 import shutil
-import tempfile
 from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from livo_jax import files
 from livo_jax.data import livo_data
 from livo_jax.errors import DataError
 
@@ -125,18 +124,13 @@ def prepare(train_dir: str, *, cache_root: str | None = None, skip_bad: bool = F
   log(f"livo_data: preparing {train_dir} -> {out}")
   scan = livo_data.scan(train_dir, skip_bad=skip_bad, log=log)
   os.makedirs(cache_root, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_root)
+  files.remove_leftovers(cache_root)   # of prepares that were killed
   try:
-    _write(scan, tmp)
-    try:
-      os.rename(tmp, out)
-    except OSError:
-      if not is_prepared(out):   # else another process prepared the same folder first
-        raise
-      shutil.rmtree(tmp)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    with files.atomic_folder(out) as tmp:
+      _write(scan, tmp)
+  except FileExistsError:
+    if not is_prepared(out):   # else another process prepared the same folder first
+      raise
   log(f"livo_data: {scan.num_aligned} aligned images, {len(scan.records)} images in "
       f"{len(scan.scenes)} scenes, {scan.skipped} skipped")
   return out
@@ -151,6 +145,6 @@ def _write(scan: livo_data.Scan, folder: str) -> None:
   scenes = [{"metadata": meta, "aligned": [], "violating": []} for meta in scan.scenes]
   for i, r in enumerate(scan.records):
     scenes[r.scene]["aligned" if r.label else "violating"].append(i)
-  with open(os.path.join(folder, INDEX), "w") as f:
-    json.dump({"format_version": livo_data.FORMAT_VERSION, "train_dir": scan.train_dir,
-               "num_records": len(scan.records), "scenes": scenes}, f)
+  files.write_json({"format_version": livo_data.FORMAT_VERSION, "train_dir": scan.train_dir,
+                    "num_records": len(scan.records), "scenes": scenes},
+                   os.path.join(folder, INDEX), indent=None)

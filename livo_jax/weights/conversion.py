@@ -1,0 +1,95 @@
+"""Whole folders between layouts: what `tools/convert_weights.py` runs.
+
+  import_folder("stable-diffusion-v1-5", "sd15-flax")   # torch -> Flax checkpoint
+  export_folder("sd15-flax", "sd15-torch")              # Flax checkpoint -> torch layout
+  describe_folder("sd15-flax/unet")                      # keys, shapes, dtypes
+
+A folder is one component (`unet/`, `vae/`, `text_encoder/`) or a whole diffusers SD folder
+(`model_index.json`); other entries of an SD folder (tokenizer, scheduler, ...) are copied along.
+`import` then `export` reproduces every tensor bit for bit. The destination is written beside
+itself and renamed when complete: a failed conversion leaves nothing half-written.
+"""
+
+import os
+import shutil
+from typing import Any
+
+from livo_jax import files
+from livo_jax.errors import WeightsError
+from livo_jax.weights import folders
+from livo_jax.weights import tensors as tensor_files
+
+PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae")
+
+
+def is_pipeline_folder(folder: str) -> bool:
+  return os.path.isfile(os.path.join(folder, "model_index.json"))
+
+
+def import_folder(src: str, dst: str) -> list[str]:
+  """Torch folder (component or whole SD) -> Flax checkpoint folder. Returns what it wrote."""
+  return _convert_folder(src, dst, _import_component)
+
+
+def export_folder(src: str, dst: str) -> list[str]:
+  """Flax checkpoint folder (component or whole SD) -> torch folder. Returns what it wrote."""
+  return _convert_folder(src, dst, _export_component)
+
+
+def _import_component(src: str, dst: str) -> str:
+  kind = folders.kind_of_folder(src)
+  folders.save_flax(folders.load_model(src, kind), dst, kind,
+                    base_config=folders.read_config(src))
+  return f"{dst} ({kind.name}, Flax)"
+
+
+def _export_component(src: str, dst: str) -> str:
+  if not tensor_files.is_flax_checkpoint(src):
+    raise WeightsError(f"{src}: not a Flax checkpoint (no {tensor_files.FLAX_PARAMS_DIR}/); "
+                       "`export` takes what `import` wrote")
+  kind = folders.kind_of_folder(src)
+  folders.save_pretrained(folders.load_model(src, kind), dst, kind,
+                          base_config=folders.read_config(src))
+  return f"{dst} ({kind.name}, torch layout)"
+
+
+def _convert_folder(src: str, dst: str, convert_component) -> list[str]:
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f"{src}: no such folder")
+  dst = os.path.abspath(dst)
+  with files.atomic_folder(dst) as partial:
+    if is_pipeline_folder(src):
+      written = [_convert_entry(src, partial, name, convert_component)
+                 for name in sorted(os.listdir(src))]
+    else:   # the component's files go straight into `partial` (empty, so taken over)
+      written = [convert_component(src, partial)]
+  return [line.replace(partial, dst) for line in written]
+
+
+def _convert_entry(src: str, dst: str, name: str, convert_component) -> str:
+  source, target = os.path.join(src, name), os.path.join(dst, name)
+  if name in PIPELINE_COMPONENTS and os.path.isdir(source):
+    return convert_component(source, target)
+  if os.path.isdir(source):
+    shutil.copytree(source, target)
+  else:
+    shutil.copy2(source, target)
+  return f"{target} (copied)"
+
+
+def describe_folder(folder: str) -> dict[str, dict[str, Any]]:
+  """Keys, shapes and dtypes per component: {component: {"kind", "format", "tensors"}}."""
+  if is_pipeline_folder(folder):
+    return {name: _describe_component(os.path.join(folder, name))
+            for name in PIPELINE_COMPONENTS if os.path.isdir(os.path.join(folder, name))}
+  return {os.path.basename(os.path.normpath(folder)): _describe_component(folder)}
+
+
+def _describe_component(folder: str) -> dict[str, Any]:
+  kind = folders.kind_of_folder(folder)
+  if tensor_files.is_flax_checkpoint(folder):
+    fmt, tensors = "flax", tensor_files.read_flax_params(folder)
+  else:
+    fmt, tensors = "torch", tensor_files.read_all(folders.weights_files(folder, kind))
+  return {"kind": kind.name, "format": fmt,
+          "tensors": {k: (tuple(v.shape), str(v.dtype)) for k, v in sorted(tensors.items())}}

@@ -1,0 +1,125 @@
+"""One model's folder: torch (HF/diffusers) or Flax checkpoint in, either layout out.
+
+Read: a component folder's `config.json` plus `model.safetensors` /
+`diffusion_pytorch_model.safetensors` (or sharded with an index, or `.bin` when torch is
+installed), or a Flax checkpoint (`config.json` + `flax_params/`). Written: the same folders,
+config first, each atomically (`livo_jax.files.atomic_folder`), so that
+`transformers.CLIPTextModel` / `diffusers.UNet2DConditionModel` / `diffusers.AutoencoderKL`
+`.from_pretrained` load them with no missing and no unexpected keys.
+"""
+
+import os
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+from flax import nnx
+
+from livo_jax import files
+from livo_jax import hf_config
+from livo_jax.models import AutoencoderKL, CLIPModel, CLIPTextModel, UNet2DConditionModel
+from livo_jax.weights import kinds
+from livo_jax.weights import layout
+from livo_jax.weights import tensors as tensor_files
+from livo_jax.weights.kinds import ModelKind
+
+CONFIG_NAME = "config.json"
+
+
+def read_config(folder: str) -> dict[str, Any]:
+  return files.read_json_object(os.path.join(folder, CONFIG_NAME),
+                                missing_hint=" (not a model folder?)")
+
+
+def kind_of_folder(folder: str) -> ModelKind:
+  """Which model a component folder (torch or Flax) holds, from its config.json."""
+  return kinds.kind_of_config(read_config(folder), os.path.join(folder, CONFIG_NAME))
+
+
+def weights_files(folder: str, kind: ModelKind, variant: str | None = None) -> list[str]:
+  return tensor_files.weights_files(folder, kind.weights_name, kind.bin_name, variant)
+
+
+def load_model(folder: str, kind: ModelKind | None = None, *, dtype=jnp.float32,
+               param_dtype=None, variant: str | None = None, **model_kwargs) -> nnx.Module:
+  """Builds a Flax model from a torch or Flax component folder.
+
+  Args:
+    folder: HF/diffusers component folder, or a Flax checkpoint from `save_flax`.
+    kind: which model; read from config.json when None.
+    dtype: compute dtype.
+    param_dtype: storage dtype of the parameters; None keeps the file's dtypes.
+    variant: torch weights variant, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
+    **model_kwargs: passed to the model constructor (`remat`, `attention_impl`).
+  """
+  kind = kind or kind_of_folder(folder)
+  config = kind.config_from_dict(read_config(folder), source=os.path.join(folder, CONFIG_NAME))
+  model = nnx.eval_shape(lambda: kind.model_class(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                                  **model_kwargs))
+  if tensor_files.is_flax_checkpoint(folder):
+    layout.fill_from_checkpoint(model, tensor_files.read_flax_params(folder),
+                                os.path.join(folder, tensor_files.FLAX_PARAMS_DIR),
+                                dtype=param_dtype)
+  else:
+    paths = weights_files(folder, kind, variant)
+    source = paths[0] if len(paths) == 1 else folder
+    layout.fill_from_torch(model, kind.normalise_keys(tensor_files.read_all(paths)), source,
+                           dtype=param_dtype)
+  return model
+
+
+def load_clip_text(folder: str, dtype=jnp.float32, **kwargs) -> CLIPTextModel:
+  """An HF `CLIPTextModel` folder: `m(input_ids) -> (last_hidden_state, pooled)`."""
+  return load_model(folder, kinds.CLIP_TEXT, dtype=dtype, **kwargs)
+
+
+def load_clip(folder: str, dtype=jnp.float32, **kwargs) -> CLIPModel:
+  """An HF `CLIPModel` folder: `m(input_ids, pixel_values) -> logits_per_image`."""
+  return load_model(folder, kinds.CLIP, dtype=dtype, **kwargs)
+
+
+def load_unet(folder: str, dtype=jnp.float32, **kwargs) -> UNet2DConditionModel:
+  """A diffusers `UNet2DConditionModel` folder: `unet(latents, t, context)`."""
+  return load_model(folder, kinds.UNET, dtype=dtype, **kwargs)
+
+
+def load_vae(folder: str, dtype=jnp.float32, **kwargs) -> AutoencoderKL:
+  """A diffusers `AutoencoderKL` folder: `vae.encode(images)`, `vae.decode(latents)`."""
+  return load_model(folder, kinds.VAE, dtype=dtype, **kwargs)
+
+
+def export_config(model: nnx.Module, kind: ModelKind,
+                  base_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The config.json to write for `model`: its config over `base_config`, plus class tags."""
+  raw = dict(base_config or {})
+  raw.update(hf_config.to_dict(model.config))
+  raw.update(kind.class_tags)
+  return raw
+
+
+def save_pretrained(model: nnx.Module, folder: str, kind: ModelKind | None = None, *,
+                    base_config: Mapping[str, Any] | None = None,
+                    overwrite: bool = False) -> None:
+  """Writes a torch-layout folder (config.json + safetensors) that transformers/diffusers load.
+
+  `base_config` is an original config.json to keep fields we do not model (pipeline hints,
+  library versions); the model's own config fields always win. The folder appears complete or
+  not at all; an existing non-empty one is replaced (once the new one is complete) only with
+  `overwrite`, else `FileExistsError`.
+  """
+  kind = kind or kinds.kind_of_model(model)
+  state = {kind.save_prefix + k: v for k, v in layout.torch_state_dict(model).items()}
+  with files.atomic_folder(folder, replace=overwrite) as tmp:
+    files.write_json(export_config(model, kind, base_config), os.path.join(tmp, CONFIG_NAME))
+    tensor_files.write_safetensors(state, os.path.join(tmp, f"{kind.weights_name}.safetensors"))
+
+
+def save_flax(model: nnx.Module, folder: str, kind: ModelKind | None = None, *,
+              base_config: Mapping[str, Any] | None = None) -> None:
+  """Writes a Flax checkpoint folder: config.json + `flax_params/` (orbax), atomically.
+
+  Only this project reads it (`load_model`); `export_folder` turns it back into torch layout.
+  """
+  kind = kind or kinds.kind_of_model(model)
+  with files.atomic_folder(folder) as tmp:
+    files.write_json(export_config(model, kind, base_config), os.path.join(tmp, CONFIG_NAME))
+    tensor_files.write_flax_params(layout.flax_state_dict(model), tmp)

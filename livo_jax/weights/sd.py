@@ -1,0 +1,85 @@
+"""A whole Stable Diffusion folder as one bundle, what training, sampling and evaluation load.
+
+  sd = load_sd("sd15", value_encoder="livo/value_encoder", dtype=jnp.bfloat16)
+  sd.tokenizer, sd.text_encoder, sd.unet, sd.vae, sd.scheduler_config, sd.value_encoder
+
+The folder is diffusers' layout (`scheduler/ text_encoder/ tokenizer/ unet/ vae/`), in torch
+layout or as the Flax checkpoint `tools/convert_weights.py import` writes.
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from livo_jax import files
+from livo_jax import schedulers
+from livo_jax.weights import folders
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+  """The frozen SD parts, plus an optional LiVO value encoder."""
+  tokenizer: Any
+  text_encoder: nnx.Module
+  unet: nnx.Module
+  vae: nnx.Module
+  scheduler_config: schedulers.SchedulerConfig
+  value_encoder: nnx.Module | None = None
+  value_encoder_config: dict | None = None   # its config.json, kept when it is saved again
+
+  @property
+  def vae_scale_factor(self) -> int:
+    return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+  @property
+  def default_size(self) -> int:
+    """The image size the UNet was trained at (512 for SD 1.5)."""
+    return (self.unet.config.sample_size or 64) * self.vae_scale_factor
+
+
+def load_tokenizer(folder: str):
+  """SD's CLIP tokenizer from a `tokenizer/` folder."""
+  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"{folder}: no tokenizer folder")
+  return CLIPTokenizer.from_pretrained(folder)
+
+
+def load_scheduler_config(folder: str) -> schedulers.SchedulerConfig:
+  """Reads `folder/scheduler_config.json` (a diffusers pipeline's `scheduler/` folder)."""
+  path = os.path.join(folder, schedulers.CONFIG_NAME)
+  raw = files.read_json_object(path, missing_hint=" (not a diffusers scheduler folder?)")
+  return schedulers.SchedulerConfig.from_dict(raw, source=path)
+
+
+def load_sd(folder: str, *, value_encoder: str | None = None, dtype=jnp.float32,
+            param_dtype=None, value_encoder_param_dtype=None, remat: str = "none",
+            attention_impl: str | None = None) -> StableDiffusion:
+  """Loads a diffusers SD folder and, optionally, a value encoder (an HF CLIPTextModel folder).
+
+  Args:
+    folder: the SD folder.
+    value_encoder: a value encoder folder (the trainer passes its initialisation, by default the
+      SD text encoder), or None.
+    dtype: compute dtype of every net.
+    param_dtype: storage dtype of the frozen nets' parameters (None: as stored).
+    value_encoder_param_dtype: the value encoder's (None: as stored; training keeps float32
+      master weights).
+    remat: the UNet's rematerialisation policy (`models.layers.REMAT_POLICIES`).
+    attention_impl: attention implementation of every net (None: per platform).
+  """
+  frozen = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+  part = lambda name: os.path.join(folder, name)
+  return StableDiffusion(
+      tokenizer=load_tokenizer(part("tokenizer")),
+      text_encoder=folders.load_clip_text(part("text_encoder"), **frozen),
+      unet=folders.load_unet(part("unet"), remat=remat, **frozen),
+      vae=folders.load_vae(part("vae"), **frozen),
+      scheduler_config=load_scheduler_config(part("scheduler")),
+      value_encoder=folders.load_clip_text(
+          value_encoder, dtype=dtype, param_dtype=value_encoder_param_dtype,
+          attention_impl=attention_impl) if value_encoder else None,
+      value_encoder_config=folders.read_config(value_encoder) if value_encoder else None)
