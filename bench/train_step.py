@@ -9,7 +9,8 @@ algorithm (tests/torch_livo.py): diffusers/transformers models with SDPA attenti
 encoding both images in every step, four separate UNet calls, autograd; on a GPU under fp16
 autocast with gradient checkpointing, as the original recipe runs.
 
-Our side is `livo_jax.train`'s step, once per variant. A variant is a base and switches joined
+Our side is the trainer's own setup and step (`livo_jax.train.setup.build_trainer`), once per
+variant. A variant is a base and switches joined
 by "+", each switch turning one optimisation off or on:
   pixels        the VAE encodes the images in the step (as the original);
   latents       cached VAE moments (`data.cache_latents`);
@@ -32,7 +33,6 @@ attention's are counted once by XLA, and the cuDNN kernel not at all) and, on GP
 against the chip's dense bf16 peak (--peak_tflops, default the H100's 989).
 """
 
-import argparse
 import json
 import os
 import platform
@@ -41,8 +41,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
+from absl import app
+from absl import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -131,72 +134,51 @@ def parse_variant(variant: str, args) -> dict:
 
 def run_jax(args, folder: str, variant: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from livo_jax import schedulers, sharding, train  # pylint: disable=g-import-not-at-top
+  from livo_jax.train import recipe, setup, sharding  # pylint: disable=g-import-not-at-top
 
   options = parse_variant(variant, args)
   gpu = jax.default_backend() != "cpu"
   dtype = options["dtype"] or ("bfloat16" if gpu else "float32")
-  mesh = sharding.make_mesh(-1, 1, jax.devices()[:1])
+  mesh = sharding.make_mesh(-1, 1, devices=jax.devices()[:1])
 
-  def make_step(attention: str, remat: str):
-    """(jitted step, frozen states, the value encoder's graphdef and params) of one setting."""
-    config = ml_collections.ConfigDict(dict(
-        model=dict(pretrained=folder, value_encoder_init="", remat=remat,
-                   attention_impl=attention),
-        dtype=dtype,
-        loss=dict(name="livo", prediction_type="", snr_gamma=0.0, noise_offset=0.0,
-                  input_perturbation=0.0, beta_dpo=5000.0, **HINGE),
-        optim=dict(grad_accum_steps=1)))
-    models = train.load_models(config)
-    settings = train.step_settings(config, models.scheduler_config)
-    if options["separate"]:
-      settings = settings.__class__(**{**settings.__dict__, "merge_passes": False})
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6, weight_decay=1e-2))
-    graphdefs, frozen = {}, {}
-    graphdefs["value_encoder"], params = nnx.split(models.value_encoder)
-    for name in ("text_encoder", "unet", "vae"):
-      graphdefs[name], frozen[name] = nnx.split(getattr(models, name))
-    acp = schedulers.alphas_cumprod(models.scheduler_config)
-    step = jax.jit(train.make_train_step(graphdefs, tx, lambda _: 1e-6, acp, settings),
-                   out_shardings=(None, sharding.replicated(mesh)),
-                   donate_argnums=() if options["nodonate"] else (0,))
-    state = dict(params=params, opt_state=tx.init(params), step=jnp.int32(0),
-                 rng=jax.random.PRNGKey(0))
-    return step, frozen, graphdefs, state
+  def make_trainer(attention: str, remat: str):
+    """The trainer's own setup (`setup.build_trainer`) for the recipe with these switches."""
+    config = recipe.sd15()
+    config.model.pretrained = folder
+    config.model.attention_impl, config.model.remat = attention, remat
+    config.model.merge_unet_passes = not options["separate"]
+    config.dtype = dtype
+    config.batch_size = args.batch
+    config.loss.update(HINGE)
+    sd = setup.load_models(config)
+    return setup.build_trainer(config, sd, mesh, donate=not options["nodonate"]), sd
 
-  step_fn, frozen, graphdefs, state = make_step(options["attention"], options["remat"])
+  trainer, sd = make_trainer(options["attention"], options["remat"])
   batch = make_batch(args, os.path.join(folder, "tokenizer"))
   if options["base"] == "latents":   # what the trainer's caches hold
-    encode = train.cache_encoder(nnx.merge(graphdefs["vae"], frozen["vae"]), mesh,
-                                 train.vae_moments)
+    encode = setup.cache_encoder(sd.vae, mesh, lambda vae, x: vae.moments(x))
     for side in ("w", "l"):
       batch[f"moments_{side}"] = encode(batch.pop(f"pixels_{side}"))
   if options["text"]:
-    batch["prompt_embeds"] = train.cache_encoder(
-        nnx.merge(graphdefs["text_encoder"], frozen["text_encoder"]), mesh,
-        train.prompt_hidden_states)(batch["prompt_ids"])
+    batch["prompt_embeds"] = setup.cache_encoder(sd.text_encoder, mesh,
+                                                 setup.prompt_hidden_states)(batch["prompt_ids"])
   batch = jax.device_put(batch)
 
   # The model FLOPs: the same step with XLA attention (counted by XLA) and no recomputation.
-  flops_step, flops_frozen, _, flops_state = (
-      (step_fn, frozen, None, state) if (options["attention"], options["remat"]) == ("xla", "none")
-      else make_step("xla", "none"))
-  cost = flops_step.lower(flops_state, flops_frozen, batch).cost_analysis()
-  del flops_step, flops_frozen, flops_state
+  counted = (trainer if (options["attention"], options["remat"]) == ("xla", "none")
+             else make_trainer("xla", "none")[0])
+  cost = counted.step.lower(counted.state, counted.frozen, batch).cost_analysis()
+  del counted
 
   start = time.perf_counter()
-  compiled = step_fn.lower(state, frozen, batch).compile()
+  compiled = trainer.step.lower(trainer.state, trainer.frozen, batch).compile()
   compile_seconds = time.perf_counter() - start
-  holder = [state]
+  holder = [trainer.state]
 
   def steps(n: int):
     """n steps, each waiting for the last one's metrics only with +sync."""
     for _ in range(n):
-      holder[0], metrics = compiled(holder[0], frozen, batch)
+      holder[0], metrics = compiled(holder[0], trainer.frozen, batch)
       if options["sync"]:
         jax.block_until_ready(metrics)
     return jax.block_until_ready(metrics)
@@ -230,33 +212,39 @@ DEFAULT_VARIANTS = ("pixels,pixels+separate,latents,latents+text,latents+text+at
                     "latents+text+nodonate,latents+text+dtype=bfloat16")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--preset", choices=sorted(PRESETS), default="medium")
-  parser.add_argument("--resolution", type=int, default=256, help="image height = width")
-  parser.add_argument("--batch", type=int, default=2, help="preference pairs per step")
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--remat", default="none", help="UNet remat policy: none, dots, blocks")
-  parser.add_argument("--attention", default="", help="attention implementation ('': auto)")
-  parser.add_argument("--dtype", default="", help="float32 or bfloat16 ('': bf16 on GPU)")
-  parser.add_argument("--variants", default=DEFAULT_VARIANTS,
-                      help="comma-separated variants of our side (see the docstring)")
-  parser.add_argument("--peak_tflops", type=float, default=989.0)
-  parser.add_argument("--folder", help="an SD folder to use instead of a fresh random one")
-  parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side, print JSON
-  args = parser.parse_args()
-  variants = args.variants.split(",")
+_PRESET = flags.DEFINE_enum("preset", "medium", sorted(PRESETS), "random SD shape")
+_RESOLUTION = flags.DEFINE_integer("resolution", 256, "image height = width")
+_BATCH = flags.DEFINE_integer("batch", 2, "preference pairs per step")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed calls first")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls (the median is reported)")
+_REMAT = flags.DEFINE_string("remat", "none", "UNet remat policy: none, dots, blocks")
+_ATTENTION = flags.DEFINE_string("attention", "", "attention implementation ('': auto)")
+_DTYPE = flags.DEFINE_string("dtype", "", "float32 or bfloat16 ('': bf16 on GPU)")
+_VARIANTS = flags.DEFINE_string("variants", DEFAULT_VARIANTS,
+                                "comma-separated variants of our side (see the docstring)")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 989.0, "the chip's dense bf16 peak, for MFU")
+_FOLDER = flags.DEFINE_string("folder", None, "an SD folder to use instead of a fresh random one")
+_SIDE = flags.DEFINE_string("side", None, "internal: run one side, print its JSON")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  args = types.SimpleNamespace(
+      preset=_PRESET.value, resolution=_RESOLUTION.value, batch=_BATCH.value,
+      warmup=_WARMUP.value, repeats=_REPEATS.value, remat=_REMAT.value,
+      attention=_ATTENTION.value, dtype=_DTYPE.value, peak_tflops=_PEAK_TFLOPS.value)
+  variants = _VARIANTS.value.split(",")
   for variant in variants:
     parse_variant(variant, args)   # a typo fails before anything runs
 
-  if args.side:
-    side = run_torch(args, args.folder) if args.side == "torch" else run_jax(
-        args, args.folder, args.side)
+  if _SIDE.value:
+    side = run_torch(args, _FOLDER.value) if _SIDE.value == "torch" else run_jax(
+        args, _FOLDER.value, _SIDE.value)
     print("RESULT " + json.dumps(side))
     return
 
-  folder = args.folder or make_folder(args.preset, tempfile.mkdtemp())
+  folder = _FOLDER.value or make_folder(args.preset, tempfile.mkdtemp())
 
   def side(name: str) -> dict:
     command = [sys.executable, __file__, f"--side={name}", f"--folder={folder}"] + [
@@ -280,4 +268,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -18,8 +18,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from livo_jax import runtime
 from livo_jax import train
+from livo_jax.train import runtime
 from livo_jax.errors import ConfigError, DataError, WeightsError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)",

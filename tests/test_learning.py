@@ -13,6 +13,7 @@ the error on aligned images lowers it on violating ones too.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import pytest
 import torch_livo
 from livo_jax import data
 from livo_jax import train
+from livo_jax import weights
 from livo_data_fixture import write_livo_data
 from train_fixtures import load_config
 
@@ -47,7 +49,7 @@ def runs(sd_folder, tmp_path_factory):
 
   # The original, on the batches our pipeline makes (same seed), with its own draws.
   source = data.PreferenceSource(data.prepare(train_dir, cache_root=cache))
-  tokenizer = train.load_models(config).tokenizer
+  tokenizer = weights.load_tokenizer(os.path.join(sd_folder, "tokenizer"))
   batches = data.train_iterator(source, tokenizer=tokenizer, resolution=16, global_batch=BATCH,
                                 seed=config.seed, num_threads=1)
   original = torch_livo.OriginalLiVO(sd_folder, lr=LR)

@@ -23,11 +23,12 @@ from flax import nnx
 
 import torch_livo
 from livo_jax import conditioning
-from livo_jax import convert
 from livo_jax import losses
 from livo_jax import schedulers
-from livo_jax import train
-from livo_jax.models import load_clip_text, load_unet, load_vae
+from livo_jax import weights
+from livo_jax.train import setup
+from livo_jax.train import step as train_step
+from livo_jax.weights import load_clip_text, load_unet, load_vae
 from train_fixtures import load_config
 
 BATCH = 3
@@ -53,7 +54,7 @@ def models(sd_folder):
   """The tiny SD and value encoder in float64."""
   with jax.enable_x64(True):
     f64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
-    config = train.load_models(load_config(sd_folder))
+    config = setup.load_models(load_config(sd_folder))
     return dataclasses.replace(
         config,
         text_encoder=load_clip_text(os.path.join(sd_folder, "text_encoder"), **f64),
@@ -78,9 +79,10 @@ def inputs(models):
 
 
 def settings(prediction_type="epsilon", snr_gamma=0.0, merge_passes=True):
-  return train.StepSettings(objective="livo", objective_kwargs=(), prediction_type=prediction_type,
-                            snr_gamma=snr_gamma, noise_offset=0.0, input_perturbation=0.0,
-                            grad_accum_steps=1, merge_passes=merge_passes)
+  return train_step.StepSettings(
+      objective="livo", hyperparameters=(), prediction_type=prediction_type,
+      snr_gamma=snr_gamma, noise_offset=0.0, input_perturbation=0.0, grad_accum_steps=1,
+      merge_passes=merge_passes)
 
 
 def jax_errors(models, batch, draws, step_settings, params=None):
@@ -90,10 +92,11 @@ def jax_errors(models, batch, draws, step_settings, params=None):
   acp = schedulers.alphas_cumprod(models.scheduler_config)
 
   def errors(params, batch, draws):
-    z_w, z_l = train.latents(models.vae, batch, draws)
-    text = train.prompt_states(models.text_encoder, batch)
-    return train.preference_errors(nnx.merge(value_graphdef, params), models.unet, z_w, z_l,
-                                   text, batch["value_ids"], draws, acp, step_settings, PASSES)
+    z_w, z_l = train_step.latents(models.vae, batch, draws)
+    text = train_step.prompt_states(models.text_encoder, batch)
+    return train_step.preference_errors(nnx.merge(value_graphdef, params), models.unet, z_w,
+                                        z_l, text, batch["value_ids"], draws, acp,
+                                        step_settings, PASSES)
 
   return errors, (value_params if params is None else params), batch, draws
 
@@ -144,7 +147,7 @@ def test_value_encoder_gradient_matches_torch(models, inputs, sd_folder):
   fn, params, jbatch, jdraws = jax_errors(models, batch, draws, settings())
   grads = jax.jit(jax.grad(lambda p: losses.livo_loss(fn(p, jbatch, jdraws), **HINGE)[0]))(params)
   grad_model = nnx.merge(nnx.graphdef(models.value_encoder), grads)
-  ours = convert.torch_state_dict(grad_model)
+  ours = weights.layout.torch_state_dict(grad_model)
 
   reference = torch_model(sd_folder)
   reference.value_encoder.zero_grad(set_to_none=True)

@@ -1,8 +1,9 @@
 """Multi-process training and preemption, with real processes and signals.
 
-- Two processes on this machine (loopback coordinator, 2 CPU devices each) against one process
-  with 4 devices, same global batch and seed: the same losses and weights, and each process
-  reads its own disjoint half of every batch.
+- Two processes on this machine (loopback coordinator, 2 CPU devices each, each process a DCN
+  "slice" of the data axis: `mesh.dcn_data=2`) against one process with 4 devices, same global
+  batch and seed: the same losses and weights, and each process reads its own disjoint half of
+  every batch.
 - SIGTERM mid-run leaves a checkpoint and a clean exit; resuming ends with the weights of an
   uninterrupted run.
 - The TPU-pod launcher's --dry-run prints the commands it would run.
@@ -68,8 +69,8 @@ def test_two_processes_equal_one(sd_folder, train_dir, cache, tmp_path):
                                           **{"data.cache_dir": cache, **RUN})
   port = free_port()
   workers = [subprocess.Popen(
-      command(multi) + [f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                        f"--process_id={i}"],
+      command(multi) + ["--config.mesh.dcn_data=2", f"--coordinator_address=localhost:{port}",
+                        "--num_processes=2", f"--process_id={i}"],
       env=cpu_env(2), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
   for worker in workers:

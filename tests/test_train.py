@@ -19,6 +19,9 @@ import transformers
 
 from livo_jax import train
 from livo_jax.errors import ConfigError
+from livo_jax.train import optim as optim_lib
+from livo_jax.train import setup
+from livo_jax.train import sharding
 from livo_data_fixture import write_livo_data
 from train_fixtures import assert_losses_follow, load_config
 
@@ -122,21 +125,21 @@ _SHARDED_RUN = textwrap.dedent("""
     sys.path[:0] = {paths!r}
     import jax
     from flax import nnx
-    from livo_jax import sharding, train
+    from livo_jax import train
+    from livo_jax.train import setup, sharding
     from train_fixtures import assert_losses_follow, load_config
     assert jax.device_count() == 8
-    for shard_frozen in (False, True):
-      config = load_config({sd!r}, {data!r}, **{overrides!r},
-                           **{{"model.shard_frozen": shard_frozen}})
-      train.train(config, os.path.join({workdir!r}, f"shard_frozen_{{shard_frozen}}"))
+    for frozen in ("replicated", "fsdp"):
+      config = load_config({sd!r}, {data!r}, **{overrides!r}, **{{"sharding.frozen": frozen}})
+      train.train(config, os.path.join({workdir!r}, f"frozen_{{frozen}}"))
     # How the rules place the weights on this mesh.
-    models = train.load_models(config)
+    models = setup.load_models(config)
     mesh = sharding.make_mesh(4, 2)
     specs = {{}}
     for name in ("value_encoder", "unet"):
       _, params = nnx.split(getattr(models, name))
       for path, s in jax.tree_util.tree_flatten_with_path(
-          sharding.tree_shardings(mesh, params))[0]:
+          sharding.tree_shardings(mesh, params, sharding.PRESETS["fsdp"]))[0]:
         specs[name + "/" + sharding.path_name(path)] = str(s.spec)
     print("SPECS " + json.dumps(specs))
 """)
@@ -154,8 +157,8 @@ def test_sharded_run_follows_one_device(straight, make_config, sd_folder, train_
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                        timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
-  for shard_frozen in (False, True):
-    assert_losses_follow(read_metrics(str(tmp_path / f"shard_frozen_{shard_frozen}")),
+  for frozen in ("replicated", "fsdp"):
+    assert_losses_follow(read_metrics(str(tmp_path / f"frozen_{frozen}")),
                          read_metrics(straight))
   specs = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("SPECS "))[6:])
   # Matrices are split over fsdp along their largest axis; vectors stay replicated.
@@ -177,11 +180,41 @@ def test_sharded_run_follows_one_device(straight, make_config, sd_folder, train_
     ({"data.cache_latents": True, "data.center_crop": False}, "center_crop"),
     ({"eval.every": 5, "eval.value_statements": ("a", "b", "c")}, "eval.value_statements"),
     ({"total_steps": 0}, "total_steps"),
+    ({"sharding.frozen": "everything"}, "sharding.frozen = 'everything'"),
+    ({"sharding.rules.fsdp": (("(", "fsdp"),)}, "bad regex"),
+    ({"sharding.rules.fsdp": ((".*", "half"),)}, "rule 'half'"),
+    ({"mesh.dcn_data": 3}, "mesh.dcn_data = 3"),
 ])
 def test_config_errors_stop_before_compute(make_config, tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
     train.train(make_config(**overrides), str(tmp_path / "workdir"))
   assert os.listdir(tmp_path / "workdir") == []   # nothing written
+
+
+def test_config_keys_are_the_recipes(make_config, tmp_path):
+  from livo_jax.train import recipe  # pylint: disable=g-import-not-at-top
+  config = make_config()
+  config.loss.betta = 3.0
+  with pytest.raises(ConfigError, match="unknown config key 'loss.betta'"):
+    train.train(config, str(tmp_path / "w1"))
+  config = make_config()
+  del config.data.cache_text
+  with pytest.raises(ConfigError, match="no key 'data.cache_text'"):
+    recipe.check_keys(config)
+  config = make_config()
+  config.sharding.rules.mine = ((".*", "replicated"),)   # rule sets are open
+  recipe.check_keys(config)
+
+
+def test_explicit_partition_specs(make_config):
+  """A rule may be an explicit PartitionSpec; one that does not divide names the parameter."""
+  import jax  # pylint: disable=g-import-not-at-top
+  tree = {"a": jax.ShapeDtypeStruct((4, 6), "float32"), "b": jax.ShapeDtypeStruct((3,), "float32")}
+  mesh = sharding.make_mesh(-1, 1, devices=jax.devices()[:1])
+  specs = sharding.tree_shardings(mesh, tree, (("a", (None, "fsdp")), (".*", "replicated")))
+  assert str(specs["a"].spec) == "P(None, 'fsdp')" and str(specs["b"].spec) == "P()"
+  with pytest.raises(ConfigError, match="no sharding rule matches b"):
+    sharding.tree_shardings(mesh, tree, (("a", "fsdp"),))
 
 
 def test_unwritable_workdir_is_an_error_before_compute(make_config, tmp_path):
@@ -235,26 +268,15 @@ def test_objectives_in_the_step(make_config, overrides):
   """Each objective and option (bf16 frozen nets, UNet remat) compiles into the step and
   reports what it computed."""
   import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   config = make_config(**overrides)
-  models = train.load_models(config)
-  settings = train.step_settings(config, models.scheduler_config)
-  tx, schedule = train.make_optimizer(config.optim, config.total_steps)
-  graphdefs, frozen = {}, {}
-  for name in ("value_encoder", "text_encoder", "unet", "vae"):
-    graphdefs[name], frozen[name] = nnx.split(getattr(models, name))
-  params = frozen.pop("value_encoder")
-  state = dict(params=params, opt_state=tx.init(params), step=jax.numpy.int32(0),
-               rng=jax.random.PRNGKey(0))
+  trainer = setup.build_trainer(config, setup.load_models(config),
+                                sharding.make_mesh(-1, 1, devices=jax.devices()[:1]))
   rng = np.random.default_rng(0)
   ids = np.asarray(rng.integers(3, 80, (2, 77)), np.int32)
   batch = dict(pixels_w=rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
                pixels_l=rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
                prompt_ids=ids, value_ids=ids[::-1])
-  step = jax.jit(train.make_train_step(graphdefs, tx, schedule,
-                                       train.schedulers.alphas_cumprod(models.scheduler_config),
-                                       settings))
-  new_state, metrics = step(state, frozen, batch)
+  new_state, metrics = trainer.step(trainer.state, trainer.frozen, batch)
   metrics = {k: float(v) for k, v in metrics.items()}
   assert int(new_state["step"]) == 1 and np.isfinite(metrics["grad_norm"])
   if config.loss.name == "sft":
@@ -276,7 +298,7 @@ def test_schedules(make_config):
       ("cosine", {0: 0.0, 5: 0.5e-3, 10: 1e-3, 55: 0.5e-3, 100: 0.0}),
   ]:
     optim.schedule = name
-    tx, schedule = train.make_optimizer(optim, total_steps=100)
+    tx, schedule = optim_lib.make_optimizer(optim, total_steps=100)
     assert isinstance(tx, optax.GradientTransformation)
     for step, lr in expected.items():
       assert float(schedule(step)) == pytest.approx(lr, abs=1e-9), (name, step)
@@ -287,7 +309,7 @@ def test_value_encoder_init_folder(make_config, tmp_path):
   import tiny_sd  # pylint: disable=g-import-not-at-top
   released = str(tmp_path / "value_encoder")
   torch_model = tiny_sd.make_component("text_encoder", released, seed=5)
-  models = train.load_models(make_config(**{"model.value_encoder_init": released}))
+  models = setup.load_models(make_config(**{"model.value_encoder_init": released}))
   ids = np.arange(3, 80, dtype=np.int64)[None, :77]
   import torch  # pylint: disable=g-import-not-at-top
   with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Training checkpoints (orbax) with automatic resume, and the final value-encoder export.
+"""Training checkpoints (orbax) with automatic resume.
 
 A checkpoint holds the whole train state (value-encoder params, optimizer state, step, RNG) and
 the data iterator's state, so a resumed run continues with exactly the batches and noise it
@@ -7,13 +7,10 @@ resume on another mesh.
 """
 
 import os
-import shutil
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
-
-from livo_jax import convert
 
 
 class Checkpoints:
@@ -48,23 +45,3 @@ def abstract(tree, shardings):
   """ShapeDtypeStructs of `tree` carrying `shardings`: a restore target."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
-
-
-def export_value_encoder(value_encoder, folder: str, base_config: Mapping[str, Any]) -> None:
-  """Writes `folder` as an HF `CLIPTextModel` folder (what transformers loads), atomically.
-
-  The folder is written beside its final place and renamed in, so a failed export never leaves a
-  half-written `value_encoder/`, and an earlier export is replaced only by a complete one.
-  """
-  folder = os.path.abspath(folder)
-  partial = folder + ".partial"
-  shutil.rmtree(partial, ignore_errors=True)
-  convert.save_pretrained(value_encoder, partial, base_config=base_config)
-  if os.path.exists(folder):
-    previous = folder + ".previous"
-    shutil.rmtree(previous, ignore_errors=True)
-    os.rename(folder, previous)
-    os.rename(partial, folder)
-    shutil.rmtree(previous)
-  else:
-    os.rename(partial, folder)
