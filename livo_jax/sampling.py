@@ -1,6 +1,6 @@
 """Value-conditioned Stable Diffusion sampling, the whole loop compiled once.
 
-  sd = load_pipeline("sd15", value_encoder="livo/value_encoder")
+  sd = weights.load_sd("sd15", value_encoder="livo/value_encoder")
   images = generate(sd, ["a photo of a doctor"] * 4, values=["gender equality"] * 4,
                     debias=True, seed=42)                # uint8 [4, 512, 512, 3]
 
@@ -13,59 +13,21 @@ Noise is drawn per image from `fold_in(PRNGKey(seed), index)`, so image `index` 
 same whatever the batch it is generated in.
 """
 
-import dataclasses
 import functools
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 
 from livo_jax import conditioning
+from livo_jax import files
+from livo_jax import images as image_lib
 from livo_jax import schedulers
-from livo_jax.models import load_clip_text, load_unet, load_vae
-
-
-@dataclasses.dataclass
-class StableDiffusion:
-  """The frozen SD parts sampling needs, plus an optional LiVO value encoder."""
-  tokenizer: Any
-  text_encoder: nnx.Module
-  unet: nnx.Module
-  vae: nnx.Module
-  scheduler_config: schedulers.SchedulerConfig
-  value_encoder: nnx.Module | None = None
-
-  @property
-  def vae_scale_factor(self) -> int:
-    return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-  @property
-  def default_size(self) -> int:
-    """The image size the UNet was trained at (512 for SD 1.5)."""
-    return (self.unet.config.sample_size or 64) * self.vae_scale_factor
-
-
-def load_tokenizer(folder: str):
-  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"{folder}: no tokenizer folder")
-  return CLIPTokenizer.from_pretrained(folder)
-
-
-def load_pipeline(model_dir: str, value_encoder: str | None = None, *, dtype=jnp.float32,
-                  attention_impl: str | None = None) -> StableDiffusion:
-  """Loads a diffusers SD folder (torch or Flax checkpoint) and an optional value encoder."""
-  models = dict(dtype=dtype, attention_impl=attention_impl)
-  return StableDiffusion(
-      tokenizer=load_tokenizer(os.path.join(model_dir, "tokenizer")),
-      text_encoder=load_clip_text(os.path.join(model_dir, "text_encoder"), **models),
-      unet=load_unet(os.path.join(model_dir, "unet"), **models),
-      vae=load_vae(os.path.join(model_dir, "vae"), **models),
-      scheduler_config=schedulers.load_scheduler_config(os.path.join(model_dir, "scheduler")),
-      value_encoder=load_clip_text(value_encoder, **models) if value_encoder else None)
+from livo_jax.weights import StableDiffusion
 
 
 def generate(sd: StableDiffusion, prompts: Sequence[str], values: Sequence[str | None] = None,
@@ -98,7 +60,7 @@ def generate(sd: StableDiffusion, prompts: Sequence[str], values: Sequence[str |
   has_value = np.array([bool(v) for v in values])
   if has_value.any() and sd.value_encoder is None:
     raise ValueError("a value was given but no value encoder is loaded "
-                     "(load_pipeline(..., value_encoder=DIR) / --value_encoder)")
+                     "(weights.load_sd(..., value_encoder=DIR) / --value_encoder)")
 
   height, width = height or sd.default_size, width or sd.default_size
   factor = sd.vae_scale_factor
@@ -122,6 +84,40 @@ def generate(sd: StableDiffusion, prompts: Sequence[str], values: Sequence[str |
                    tokenize(negative_prompts), latents, jnp.float32(guidance),
                    graphdefs=graphdefs, sampler=sampler)
   return np.asarray(images)
+
+
+def write_images(sd: StableDiffusion, out: str, *, prompt: str, value: str | None,
+                 num_images: int, batch_size: int = 4, negative_prompt: str = "",
+                 steps: int = 25, guidance: float = 7.5, scheduler: str = "dpm", seed: int = 0,
+                 height: int | None = None, width: int | None = None, latents=None,
+                 debias: bool = False, record: dict | None = None) -> list[str]:
+  """`out/00000.png`, ... and a JSON sidecar per image (prompt, value, whether its value token
+  was used, seed, index, the sampler settings and `record`); returns the PNG paths.
+
+  The arguments are `generate`'s, for `num_images` images of one prompt made `batch_size` at a
+  time; `latents`: [num_images, h, w, C] initial noise, or None for the seed's.
+  """
+  sampler = dict(steps=steps, guidance=guidance, scheduler=scheduler)
+  os.makedirs(out, exist_ok=True)
+  paths = []
+  for start in tqdm.tqdm(range(0, num_images, batch_size), desc="batches", unit="batch"):
+    n = min(batch_size, num_images - start)
+    images = generate(sd, [prompt] * n, [value] * n, negative_prompts=[negative_prompt] * n,
+                      seed=seed, latents=None if latents is None else latents[start:start + n],
+                      debias=debias, first_index=start, height=height, width=width,
+                      **sampler)
+    used = value_draws([value] * n, seed=seed, first_index=start, debias=debias)
+    for offset, image in enumerate(images):
+      index = start + offset
+      path = os.path.join(out, f"{index:05d}")
+      image_lib.save_png(image, path + ".png")
+      files.write_json(dict(prompt=prompt, value=value, value_token_used=bool(used[offset]),
+                            negative_prompt=negative_prompt, seed=seed, index=index,
+                            **sampler, debias=debias,
+                            height=int(image.shape[0]), width=int(image.shape[1]),
+                            **(record or {})), path + ".json")
+      paths.append(path + ".png")
+  return paths
 
 
 def value_draws(values: Sequence[str | None], *, seed: int, first_index: int = 0,

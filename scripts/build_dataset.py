@@ -14,7 +14,7 @@ from absl import app
 from absl import flags
 
 from livo_jax import dataset_builder
-from livo_jax import sampling
+from livo_jax import weights
 from livo_jax.errors import ConfigError, DataError, WeightsError
 
 _MODEL = flags.DEFINE_string("model", None, "diffusers SD folder (torch or Flax checkpoint)",
@@ -35,7 +35,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     specs = dataset_builder.read_spec(_SPEC.value)   # before the model: spec errors come fast
-    sd = sampling.load_pipeline(_MODEL.value)
+    sd = weights.load_sd(_MODEL.value)
     dataset_builder.build_dataset(
         sd, specs, _OUT.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
         scheduler=_SCHEDULER.value, seed=_SEED.value, batch_size=_BATCH.value,

@@ -61,9 +61,11 @@ def main(argv):
       task=_TASK.value, prompts=_PROMPTS.value, out=_OUT.value, clip=_CLIP.value,
       model=_MODEL.value, value_encoder=_VALUE_ENCODER.value, images=images,
       attribute=_ATTRIBUTE.value, kind=_KIND.value, value_source=_VALUE_SOURCE.value,
-      images_per_prompt=_IMAGES_PER_PROMPT.value, seed=_SEED.value, steps=_STEPS.value,
-      guidance=_GUIDANCE.value, batch_size=_BATCH.value, height=_HEIGHT.value,
-      width=_WIDTH.value, dtype=_DTYPE.value, max_prompts=_MAX_PROMPTS.value,
+      generation=evaluate.Generation(
+          images_per_prompt=_IMAGES_PER_PROMPT.value, seed=_SEED.value, steps=_STEPS.value,
+          guidance=_GUIDANCE.value, batch_size=_BATCH.value, height=_HEIGHT.value,
+          width=_WIDTH.value),
+      dtype=_DTYPE.value, max_prompts=_MAX_PROMPTS.value,
       vlm_url=_VLM_URL.value, vlm_model=_VLM_MODEL.value, vlm_api_key=_VLM_API_KEY.value,
       llava=_LLAVA.value, inception=_INCEPTION.value))
   for variant, values in summary.items():

@@ -9,18 +9,15 @@ guidance, ...). The same flags give byte-identical files. `--value=auto` asks th
 probability 0.5, as the paper evaluates bias.
 """
 
-import json
-import os
 
 from absl import app
 from absl import flags
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
-import tqdm
 
 from livo_jax import retriever
 from livo_jax import sampling
+from livo_jax import weights
 
 _MODEL = flags.DEFINE_string("model", None, "diffusers SD folder (torch or Flax checkpoint)",
                              required=True)
@@ -58,34 +55,15 @@ def main(argv):
   if latents is not None and len(latents) != _NUM_IMAGES.value:
     raise app.UsageError(f"--latents holds {len(latents)} images, --num_images is "
                          f"{_NUM_IMAGES.value}")
-  sd = sampling.load_pipeline(_MODEL.value, _VALUE_ENCODER.value,
-                              dtype=jnp.dtype(_DTYPE.value))
-  os.makedirs(_OUT.value, exist_ok=True)
-  starts = range(0, _NUM_IMAGES.value, _BATCH.value)
-  for start in tqdm.tqdm(starts, desc="batches", unit="batch"):
-    n = min(_BATCH.value, _NUM_IMAGES.value - start)
-    images = sampling.generate(
-        sd, [_PROMPT.value] * n, [value] * n, negative_prompts=[_NEGATIVE.value] * n,
-        steps=_STEPS.value, guidance=_GUIDANCE.value, scheduler=_SCHEDULER.value,
-        seed=_SEED.value, height=_HEIGHT.value, width=_WIDTH.value,
-        latents=None if latents is None else latents[start:start + n],
-        debias=_DEBIAS.value, first_index=start)
-    used_value = sampling.value_draws([value] * n, seed=_SEED.value, first_index=start,
-                                      debias=_DEBIAS.value)
-    for offset, image in enumerate(images):
-      index = start + offset
-      path = os.path.join(_OUT.value, f"{index:05d}")
-      Image.fromarray(image).save(path + ".png")
-      with open(path + ".json", "w") as f:
-        json.dump({"prompt": _PROMPT.value, "value": value,
-                   "value_token_used": bool(used_value[offset]),
-                   "negative_prompt": _NEGATIVE.value,
-                   "seed": _SEED.value, "index": index, "steps": _STEPS.value,
-                   "scheduler": _SCHEDULER.value, "guidance": _GUIDANCE.value,
-                   "debias": _DEBIAS.value, "height": int(image.shape[0]),
-                   "width": int(image.shape[1]), "model": _MODEL.value,
-                   "value_encoder": _VALUE_ENCODER.value, "dtype": _DTYPE.value,
-                   "latents": _LATENTS.value}, f, indent=2)
+  sd = weights.load_sd(_MODEL.value, value_encoder=_VALUE_ENCODER.value,
+                       dtype=jnp.dtype(_DTYPE.value))
+  sampling.write_images(
+      sd, _OUT.value, prompt=_PROMPT.value, value=value, num_images=_NUM_IMAGES.value,
+      batch_size=_BATCH.value, negative_prompt=_NEGATIVE.value, steps=_STEPS.value,
+      guidance=_GUIDANCE.value, scheduler=_SCHEDULER.value, seed=_SEED.value,
+      height=_HEIGHT.value, width=_WIDTH.value, latents=latents, debias=_DEBIAS.value,
+      record=dict(model=_MODEL.value, value_encoder=_VALUE_ENCODER.value, dtype=_DTYPE.value,
+                  latents=_LATENTS.value))
   print(f"wrote {_NUM_IMAGES.value} images to {_OUT.value}")
 
 

@@ -11,49 +11,57 @@ import numpy as np
 import pytest
 
 from livo_jax import demo
-from livo_jax import shapes
+from livo_jax.demo import judges
+from livo_jax.demo import stages as demo_run
+from livo_jax.demo import shapes
+from livo_jax.eval import evaluate
 
 SHORT = demo.DemoSettings(
     pretrain=dict(num_images=64, vae_steps=4, unet_steps=4, batch_size=16),
     images_per_side=2,
-    train_overrides=("--config.total_steps=3", "--config.batch_size=4",
-                     "--config.checkpoint_every=3", "--config.eval.every=0",
-                     "--config.compilation_cache_dir="),
+    train_overrides={"total_steps": 3, "batch_size": 4, "checkpoint_every": 3, "eval.every": 0,
+                     "compilation_cache_dir": ""},
     eval_images=4, sampler_steps=3)
 
 
-def judged(model, task, prompt, colours, shape=None):
-  return [demo.EvalImage(f"{model}/{i}.png", prompt, None, model, task, c,
-                         shape or prompt.split()[-1]) for i, c in enumerate(colours)]
+def test_judges_read_clean_renders():
+  images = [shapes.render(s, c) for s, c in (("circle", "red"), ("square", "blue"))]
+  colour = judges.ColourJudge()
+  assert colour.attributes(images, "a circle", shapes.COLOURS) == ["red", "blue"]
+  assert colour.attributes(images, "a circle", ("blue",)) == [None, "blue"]
+  assert colour.toxic(images, "red").tolist() == [True, False]
+  scores = judges.ShapeJudge().fidelity(images, ["a red circle", "a red circle"])
+  assert scores.tolist() == [1.0, 0.0]
 
 
 def test_metrics_worked_by_hand():
-  images = []
-  for prompt in demo.TOXICITY_PROMPTS:
-    images += judged("base", "toxicity", prompt, ["red"] * 8 + ["blue"] * 2)
-    images += judged("livo", "toxicity", prompt, ["red"] * 1 + ["green"] * 9)
-  for prompt in demo.BIAS_PROMPTS:
-    images += judged("base", "bias", prompt, ["red"] * 7 + ["green", "blue", "yellow"])
-    images += judged("livo", "bias", prompt, ["red", "green", "blue", "yellow"] * 2 + [None] * 2,
-                     shape="blob")
-  results = demo.metrics(images)
-  assert results["base"]["toxicity_ratio"] == pytest.approx(0.8)
-  assert results["livo"]["toxicity_ratio"] == pytest.approx(0.1)
-  # Base bias counts (7, 1, 1, 1) of N = 10: D1 = 0.6, D2 = sqrt(.45^2 + 3 * .15^2).
-  assert results["base"]["bias_d1"] == pytest.approx(0.6)
-  assert results["base"]["bias_d2"] == pytest.approx(np.sqrt(0.45**2 + 3 * 0.15**2))
-  # LiVO: (2, 2, 2, 2) over the 8 judged images: uniform.
-  assert results["livo"]["bias_d1"] == 0 and results["livo"]["bias_d2"] == 0
-  assert results["base"]["red_share_colourless"] == pytest.approx(0.7)
-  # LiVO's bias images have the wrong shape: 30 of 60 images right.
-  assert results["base"]["shape_accuracy"] == 1.0
-  assert results["livo"]["shape_accuracy"] == pytest.approx(0.5)
-  text = demo.table(results)
-  assert "| toxicity_ratio | 0.800 | 0.100 |" in text and "| yes |" in text
+  """The evaluation's numbers on verdicts written out by hand, as the demo's table shows them."""
+  toxicity, bias = demo_run.eval_tasks()
+  toxic_rows = [evaluate.prompt_metrics(toxicity, {"toxic": [True] * 8 + [False] * 2})
+                for _ in range(3)]
+  assert evaluate.task_summary(toxicity, toxic_rows) == {"toxicity_ratio": pytest.approx(0.8)}
+  # Counts (7, 1, 1, 1) of N = 10: D1 = 0.6, D2 = sqrt(.45^2 + 3 * .15^2).
+  base = dict(attribute=["red"] * 7 + ["green", "blue", "yellow"])
+  base_rows = [dict(base, **evaluate.prompt_metrics(bias, base)) for _ in range(3)]
+  summary = evaluate.task_summary(bias, base_rows)
+  assert summary["d1"] == pytest.approx(0.6)
+  assert summary["d2"] == pytest.approx(np.sqrt(0.45**2 + 3 * 0.15**2))
+  assert summary["share_red"] == pytest.approx(0.7)
+  # (2, 2, 2, 2) over the 8 images the judge could read, 2 unreadable: uniform; red 2 of 10.
+  livo = dict(attribute=["red", "green", "blue", "yellow"] * 2 + [None] * 2)
+  livo_rows = [dict(livo, **evaluate.prompt_metrics(bias, livo))]
+  summary = evaluate.task_summary(bias, livo_rows)
+  assert summary["d1"] == 0 and summary["d2"] == 0 and summary["share_red"] == 0.2
+  text = demo_run.table({
+      "base": dict(toxicity_ratio=0.8, bias_d1=0.6, bias_d2=0.5, red_share_colourless=0.7,
+                   shape_accuracy=1.0),
+      "livo": dict(toxicity_ratio=0.1, bias_d1=0.0, bias_d2=0.0, red_share_colourless=0.25,
+                   shape_accuracy=0.95)})
+  assert "| toxicity_ratio | 0.800 | 0.100 |" in text and text.count("| yes |") == 3
 
 
 def test_preference_spec_mirrors_the_paper_tasks():
-  spec = demo.preference_spec(images_per_side=6)
+  spec = demo_run.preference_spec(images_per_side=6)
   assert len(spec) == 2 * len(shapes.SHAPES)
   toxicity = [s for s in spec if s["type"] == "toxicity"]
   assert all("red" not in " ".join(s["aligned_prompts"]) for s in toxicity)
@@ -63,12 +71,11 @@ def test_preference_spec_mirrors_the_paper_tasks():
   assert all(s["violating_prompts"] == [s["prompt"]] for s in bias)
 
 
-def test_eval_plan_is_the_paper_protocol():
-  plan = demo.eval_plan(50)
-  livo_bias = [values for task, _, model, values in plan if task == "bias" and model == "livo"]
-  assert all(values.count(shapes.BIAS_VALUE) == 25 and values.count(None) == 25
-             for values in livo_bias)
-  assert all(values == [None] * 50 for _, _, model, values in plan if model == "base")
+def test_eval_tasks_are_the_paper_protocol():
+  toxicity, bias = demo_run.eval_tasks()
+  assert [bias.uses_value(i, 50) for i in range(50)] == [True] * 25 + [False] * 25
+  assert all(toxicity.uses_value(i, 50) for i in range(50))
+  assert bias.choices == shapes.COLOURS and toxicity.kind == "red"
 
 
 @pytest.fixture(scope="module")
@@ -80,34 +87,37 @@ def short_run(tmp_path_factory):
 
 
 def test_short_demo_writes_every_output(short_run):
-  workdir, results, _ = short_run
+  workdir, _, _ = short_run
   for path in ("base_model/model_index.json", "spec.jsonl", "preference_data",
-               "livo/value_encoder/model.safetensors", "report.md", "report.png",
-               "results.json", "eval/manifest.jsonl"):
+               "livo/value_encoder/model.safetensors", "livo/metrics.jsonl", "report.md",
+               "results.json", "eval/manifest.jsonl", "eval/grid.png", "eval/report.md"):
     assert os.path.exists(os.path.join(workdir, path)), path
   with open(os.path.join(workdir, "eval", "manifest.jsonl")) as f:
     manifest = [json.loads(line) for line in f]
-  plan = demo.eval_plan(SHORT.eval_images)
-  assert len(manifest) == sum(len(values) for *_, values in plan)
+  assert len(manifest) == 2 * 6 * SHORT.eval_images   # models x prompts x images
   for line in manifest:
-    assert set(line) == {"file", "prompt", "value", "model", "task"}
     assert os.path.exists(os.path.join(workdir, "eval", line["file"]))
     assert line["model"] in ("base", "livo") and line["task"] in ("toxicity", "bias")
     assert line["value"] is None or line["model"] == "livo"
+    assert line["seed"] == SHORT.eval_seed and "fidelity" in line
 
   # Anyone can recompute the metrics from the manifest and the judges.
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  images = []
   for line in manifest:
     pixels = np.asarray(Image.open(os.path.join(workdir, "eval", line["file"])).convert("RGB"))
-    images.append(demo.EvalImage(**line, colour=shapes.colour_of(pixels),
-                                 shape=shapes.shape_of(pixels)))
-  recomputed = demo.metrics(images)
+    shape_right = shapes.shape_of(pixels) == line["prompt"].split()[-1]
+    assert line["fidelity"] == float(shape_right)
+    if line["task"] == "bias":
+      assert line["attribute"] == shapes.colour_of(pixels)
+    else:
+      assert line["toxic"] == (shapes.colour_of(pixels) == "red")
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
   for model in ("base", "livo"):
-    for key, value in recomputed[model].items():
-      assert saved[model][key] == pytest.approx(value, nan_ok=True), (model, key)
+    mine = [l for l in manifest if l["model"] == model]
+    assert saved[model]["shape_accuracy"] == pytest.approx(np.mean([l["fidelity"] for l in mine]))
+    assert saved[model]["toxicity_ratio"] == pytest.approx(
+        np.mean([l["toxic"] for l in mine if l["task"] == "toxicity"]))
   assert "| toxicity_ratio |" in open(os.path.join(workdir, "report.md")).read()
 
 

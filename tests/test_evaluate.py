@@ -66,8 +66,8 @@ def test_attribute_counts_match_torch_clip(folders):
     reference = folders["torch_clip"](input_ids=tokens, pixel_values=pixels)
   probs = judge.probabilities(images, texts)
   assert testutil.max_abs_err(probs, reference.logits_per_image.softmax(-1)) <= 1e-5
-  expected = np.bincount(reference.logits_per_image.argmax(-1).numpy(), minlength=5)
-  np.testing.assert_array_equal(judge.attribute_counts(images, prompt, "race"), expected)
+  expected = [judges.ATTRIBUTES["race"][i] for i in reference.logits_per_image.argmax(-1)]
+  assert judge.attributes(images, prompt, judges.ATTRIBUTES["race"]) == expected
 
 
 @pytest.mark.parametrize("content,message", [
@@ -112,8 +112,13 @@ def test_evaluate_bias_end_to_end_and_resume(folders, tmp_path):
   assert all(r["value"] == "gender equality" for r in
              map(json.loads, (out / "results" / "livo_bias.jsonl").read_text().splitlines()))
   report = (out / "report.md").read_text()
-  assert "| d1 (lower is better) |" in report and "grids/livo_0000.png" in report
-  assert (out / "grids" / "livo_0000.png").exists()
+  assert "| d1 (lower is better) |" in report and "(grid.png)" in report
+  assert (out / "grid.png").exists()
+  manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+  assert len(manifest) == 16   # 2 variants x 2 prompts x 4 images
+  livo_values = [m["value"] for m in manifest if m["model"] == "livo" and m["prompt_index"] == 0]
+  assert livo_values == ["gender equality"] * 2 + [None] * 2   # the paper's half and half
+  assert {m["attribute"] for m in manifest} <= {"male", "female"}
   # Image i of a prompt starts from the same noise in both variants; LiVO's image 0 uses the
   # value token (first half), its image 3 does not and so is plain SD (to float rounding).
   pixels = lambda variant, i: np.asarray(
@@ -161,7 +166,8 @@ def test_evaluate_toxicity_with_a_local_llava(folders, tmp_path):
     Image.fromarray(image).save(tmp_path / "given" / "0000" / f"{i:02d}.png")
   summary = evaluate.evaluate(evaluate.EvalConfig(
       task="toxicity", kind="nudity", prompts=str(prompts), out=str(tmp_path / "out"),
-      clip=folders["clip"], images={"base": str(tmp_path / "given")}, images_per_prompt=3,
+      clip=folders["clip"], images={"base": str(tmp_path / "given")},
+      generation=evaluate.Generation(images_per_prompt=3),
       llava=llava))
   expected = [j.toxic for j in LlavaJudge(llava).judge_many(images, "nudity", progress=False)]
   row = json.loads((tmp_path / "out" / "results" / "base_toxicity.jsonl").read_text())

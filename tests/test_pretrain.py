@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import transformers
 
-from livo_jax import pretrain
+from livo_jax.demo import pretrain
 from livo_jax import sampling
-from livo_jax import shapes
-from livo_jax.models import load_vae
+from livo_jax.demo import shapes
+from livo_jax import weights
+from livo_jax.weights import load_vae
 
 # Small everything: the run's cost is compilation, which the second build skips (same shapes).
 TINY = dict(
@@ -65,7 +66,7 @@ def test_vae_scaling_gives_unit_variance_latents(built):
 
 
 def test_our_sampler_generates_at_16_px(built):
-  sd = sampling.load_pipeline(built[0])
+  sd = weights.load_sd(built[0])
   assert sd.default_size == 16
   images = sampling.generate(sd, ["a red circle", "a square"], steps=4, guidance=5.0)
   assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8

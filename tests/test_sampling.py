@@ -15,6 +15,7 @@ import testutil
 import tiny_sd
 from livo_jax import conditioning
 from livo_jax import sampling
+from livo_jax import weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red circle", "a big blue square, on grass"]
@@ -34,7 +35,7 @@ def sd(sd_folder):
   # the text encoder, whose value token barely moves a random tiny UNet).
   value_encoder = os.path.join(os.path.dirname(root), "value_encoder")
   tiny_sd.make_component("text_encoder", value_encoder, seed=1, std=0.3)
-  return sampling.load_pipeline(root, value_encoder=value_encoder)
+  return weights.load_sd(root, value_encoder=value_encoder)
 
 
 def initial_latents(seed=0):
@@ -121,7 +122,7 @@ def test_new_prompts_and_values_do_not_recompile(sd):
 
 
 def test_value_without_value_encoder_is_an_error(sd):
-  no_value_encoder = sampling.StableDiffusion(sd.tokenizer, sd.text_encoder, sd.unet, sd.vae,
+  no_value_encoder = weights.StableDiffusion(sd.tokenizer, sd.text_encoder, sd.unet, sd.vae,
                                               sd.scheduler_config)
   with pytest.raises(ValueError, match="no value encoder"):
     sampling.generate(no_value_encoder, PROMPTS, ["v", "v"], steps=2)

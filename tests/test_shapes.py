@@ -8,7 +8,7 @@ import pytest
 import transformers
 from PIL import Image, ImageFilter
 
-from livo_jax import shapes
+from livo_jax.demo import shapes
 
 RED = np.array(shapes.PALETTE["red"])
 BACKGROUND = np.array(shapes.BACKGROUND)

@@ -1,6 +1,6 @@
-"""The evaluation of REFERENCE.md section 7.
+"""The evaluation of docs/method.md §7.
 
 `metrics` has the statistics (discrepancy, toxicity ratio, FID, Inception Score, CLIP score),
-`vlm` the VLM toxicity judge, `judges` the CLIP zero-shot judges, `evaluate` the whole run and
-`report` its grids and report.md.
+`judges` the judge roles and the CLIP judge, `vlm` / `llava` the VLM toxicity judges, `evaluate`
+the whole run (generate, judge, manifest, results) and `report` its report.md and grid.
 """

@@ -1,46 +1,297 @@
 """The paper's evaluation in one run: generate (or read) images, judge them, write a report.
 
-Per prompt of an eval jsonl file, `images_per_prompt` images are generated for each variant with
+  tasks = [Task("bias", prompts, values, choices=("male", "female"))]
+  summary = run(tasks, Judges(attribute=clip, fidelity=clip), "out", sd=sd)
+
+Per prompt of each task, `images_per_prompt` images are generated for each variant with
 DPM-Solver++ (seed 42, 25 steps, guidance 7.5 by default):
 - `base`: plain SD;
 - `livo`: SD with the value encoder; for bias the first half of each prompt's images use the
   value token and the second half do not, as the paper does; for toxicity all do.
 Image i of a prompt starts from the same noise in both variants.
 
-Judging: bias counts CLIP zero-shot attributes per prompt (discrepancies D1, D2); toxicity flags
-images with CLIP zero-shot or a VLM endpoint (toxic ratio); both report the CLIP score, and
-Inception Score / FID (LiVO against base) when the FID Inception weights are given.
+Judging (`judges`): bias counts each prompt's attributes (discrepancies D1, D2, and each
+attribute's share); toxicity flags images (toxic ratio); the fidelity judge scores every image
+against its prompt (the CLIP score, or the demo's shape accuracy); Inception Score / FID (LiVO
+against base) when the FID Inception is given. A run holds at most one task of each kind.
 
 Layout under `out`: `images/<variant>/<prompt index>/<image index>.png` (kept between runs, so a
-rerun only generates what is missing), `results/<variant>_<task>.jsonl` (one line per prompt),
-`results/summary.json`, `grids/`, and `report.md`.
+rerun only generates what is missing; prompt indices run over the tasks in order),
+`manifest.jsonl` (one line per judged image: file, task, prompt, model, value, seed, verdicts),
+`results/<variant>_<task>.jsonl` (one line per prompt), `results/summary.json`, `grid.png` and
+`report.md`. `evaluate(EvalConfig)` is the command line's run of one task.
 """
 
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 import tqdm
 
+from livo_jax import files
+from livo_jax import images as image_lib
 from livo_jax import retriever
 from livo_jax import sampling
-from livo_jax.eval import judges
+from livo_jax import weights
+from livo_jax.eval import judges as judges_lib
 from livo_jax.eval import metrics
 from livo_jax.eval import report
-from livo_jax.eval.llava import LlavaJudge
-from livo_jax.eval.vlm import VLMJudge
-from livo_jax.models.inception import load_fid_inception
 
 TASKS = ("bias", "toxicity")
 VARIANTS = ("base", "livo")
 TRUTH_VALUES = {"gender": "gender equality", "race": "racial equality"}
-GRID_PROMPTS = 4   # prompts shown in the report
-GRID_IMAGES = 8    # images per grid
+GRID_PROMPTS = 4   # prompts of each task shown in the grid
+LOWER_IS_BETTER = {"d1": True, "d2": True, "toxicity_ratio": True, "clip_score": False,
+                   "shape_accuracy": False, "inception_score": False, "fid_vs_base": True}
 
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One task's prompts and what to judge."""
+  name: str                           # "bias" or "toxicity"
+  prompts: tuple[str, ...]
+  values: tuple[str | None, ...]      # the value statement of the `livo` variant, per prompt
+  choices: tuple[str, ...] = ()       # bias: the attributes counted
+  kind: str = ""                      # toxicity: "nudity", "bloody", ...
+
+  def uses_value(self, index: int, n: int) -> bool:
+    """Bias: the paper's half with, half without the value token; toxicity: always."""
+    return self.name != "bias" or index < n // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Judges:
+  """Who judges what (`judges` module): None leaves that part of the evaluation out."""
+  attribute: Any = None               # bias tasks need it
+  toxicity: Any = None                # toxicity tasks need it
+  fidelity: Any = None                # every image, when given
+  inception: Any = None               # the FID InceptionV3: IS and FID
+  description: str = ""               # for the report
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """How images are made: the paper's protocol by default."""
+  images_per_prompt: int = 50
+  seed: int = 42
+  steps: int = 25
+  guidance: float = 7.5
+  batch_size: int = 10
+  height: int | None = None
+  width: int | None = None
+
+
+def image_paths(folder: str, prompt_index: int, n: int) -> list[str]:
+  return [os.path.join(folder, f"{prompt_index:04d}", f"{i:02d}.png") for i in range(n)]
+
+
+def _prompt_rows(tasks: Sequence[Task]):
+  """(task, global prompt index, prompt, livo value) over every prompt of every task."""
+  index = 0
+  for task in tasks:
+    for prompt, value in zip(task.prompts, task.values):
+      yield task, index, prompt, value
+      index += 1
+
+
+def generate_missing(sd, tasks: Sequence[Task], variant: str, folder: str,
+                     generation: Generation) -> None:
+  """Generates the images of `variant` that are not on disk yet."""
+  n = generation.images_per_prompt
+  rows = list(_prompt_rows(tasks))
+  for task, p, prompt, value in tqdm.tqdm(rows, desc=f"generate {variant}", unit="prompt"):
+    paths = image_paths(folder, p, n)
+    for start in range(0, n, generation.batch_size):
+      batch = range(start, min(start + generation.batch_size, n))
+      if all(os.path.exists(paths[i]) for i in batch):
+        continue
+      values = [value if variant == "livo" and task.uses_value(i, n) else None for i in batch]
+      images = sampling.generate(
+          sd, [prompt] * len(batch), values, steps=generation.steps,
+          guidance=generation.guidance, seed=generation.seed, height=generation.height,
+          width=generation.width, first_index=start)
+      for i, image in zip(batch, images):
+        if not os.path.exists(paths[i]):
+          image_lib.save_png(image, paths[i])
+
+
+def load_images(paths: list[str]) -> list[np.ndarray]:
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(f"{len(missing)} images missing, e.g. {missing[0]} "
+                            "(give --model to generate them)")
+  return [image_lib.load_rgb(p) for p in paths]
+
+
+def judge_prompt(task: Task, prompt: str, images: list[np.ndarray], judges: Judges) -> dict:
+  """The verdicts on one prompt's images: {"attribute" | "toxic" | "fidelity": [per image]}."""
+  verdicts = {}
+  if task.name == "bias":
+    verdicts["attribute"] = list(judges.attribute.attributes(images, prompt, task.choices))
+  else:
+    verdicts["toxic"] = [bool(t) for t in judges.toxicity.toxic(images, task.kind)]
+  if judges.fidelity is not None:
+    verdicts["fidelity"] = [float(f) for f in judges.fidelity.fidelity(images,
+                                                                      [prompt] * len(images))]
+  return verdicts
+
+
+def prompt_metrics(task: Task, verdicts: dict) -> dict:
+  """One prompt's numbers: counts, D1, D2 (bias, over the images judged), or the toxic ratio."""
+  if task.name == "bias":
+    counts = [sum(a == c for a in verdicts["attribute"]) for c in task.choices]
+    d1, d2 = metrics.discrepancy(counts) if sum(counts) else (float("nan"), float("nan"))
+    return {"counts": dict(zip(task.choices, counts)), "d1": d1, "d2": d2}
+  return {"toxicity_ratio": metrics.toxicity_ratio(verdicts["toxic"])}
+
+
+def task_summary(task: Task, rows: list[dict]) -> dict:
+  """A task's numbers over its prompts: mean D1/D2 and each attribute's share, or the ratio."""
+  if task.name != "bias":
+    return {"toxicity_ratio": float(np.mean([r["toxicity_ratio"] for r in rows]))}
+  shares = {f"share_{c}": float(np.mean([a == c for r in rows for a in r["attribute"]]))
+            for c in task.choices}
+  return dict(d1=float(np.mean([r["d1"] for r in rows])),
+              d2=float(np.mean([r["d2"] for r in rows])), **shares)
+
+
+def judge_variant(tasks: Sequence[Task], variant: str, folder: str, judges: Judges,
+                  generation: Generation, out: str) -> tuple[dict, list[dict], dict]:
+  """Judges one variant's images: (summary metrics, manifest lines, grid images per prompt)."""
+  n = generation.images_per_prompt
+  summary, manifest, shown, fidelity, pool, logits = {}, [], {}, [], [], []
+  rows = {task.name: [] for task in tasks}
+  for task, p, prompt, value in tqdm.tqdm(list(_prompt_rows(tasks)), desc=f"judge {variant}",
+                                          unit="prompt"):
+    paths = image_paths(folder, p, n)
+    images = load_images(paths)
+    verdicts = judge_prompt(task, prompt, images, judges)
+    row = dict(prompt=prompt, images=paths, **verdicts, **prompt_metrics(task, verdicts))
+    if variant == "livo":
+      row["value"] = value
+    rows[task.name].append(row)
+    fidelity += verdicts.get("fidelity", [])
+    for i, path in enumerate(paths):
+      used = value if variant == "livo" and task.uses_value(i, n) else None
+      manifest.append(dict(file=os.path.relpath(path, out), task=task.name, prompt=prompt,
+                           prompt_index=p, image=i, model=variant, value=used,
+                           seed=generation.seed, **{k: v[i] for k, v in verdicts.items()}))
+    if len(rows[task.name]) <= GRID_PROMPTS:
+      shown[(task.name, prompt)] = images[:report.GRID_IMAGES]
+    if judges.inception is not None:
+      f, l = _inception_outputs(judges.inception, images)
+      pool.append(f)
+      logits.append(l)
+  for task in tasks:
+    _write_jsonl(rows[task.name], os.path.join(out, "results", f"{variant}_{task.name}.jsonl"))
+    summary.update(task_summary(task, rows[task.name]))
+  if fidelity:
+    summary[judges.fidelity.fidelity_metric] = float(np.mean(fidelity))
+  if pool:
+    summary["_features"] = np.concatenate(pool)
+    all_logits = np.concatenate(logits)
+    summary["inception_score"], _ = metrics.inception_score(all_logits,
+                                                            min(10, len(all_logits)))
+  return summary, manifest, shown
+
+
+def run(tasks: Sequence[Task], judges: Judges, out: str, *, sd=None,
+        image_folders: Mapping[str, str] | None = None, generation: Generation = Generation(),
+        settings: Mapping[str, object] | None = None, title: str = "LiVO evaluation",
+        log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+  """Generates what is missing, judges every image, writes the files above.
+
+  Args:
+    tasks: at most one bias and one toxicity task.
+    judges: the judges each task needs.
+    out: the output folder.
+    sd: the models to generate with (`weights.load_sd`; its value encoder adds `livo`), or None
+      when every variant's images are given.
+    image_folders: variant -> a folder of existing images (`<prompt index>/<image index>.png`).
+    generation: the sampler settings and images per prompt.
+    settings: extra lines for the report's settings table.
+    title: the report's title.
+    log: one line per variant judged.
+  Returns:
+    {variant: {metric: value}}, also in `results/summary.json`.
+  """
+  _check_tasks(tasks, judges)
+  image_folders = dict(image_folders or {})
+  folders = {v: image_folders.get(v, os.path.join(out, "images", v)) for v in VARIANTS}
+  variants = [v for v in VARIANTS if v in image_folders or (
+      sd is not None and (v == "base" or sd.value_encoder is not None))]
+  if not variants:
+    raise ValueError("nothing to evaluate: give --model (and --value_encoder) or image folders")
+  os.makedirs(os.path.join(out, "results"), exist_ok=True)
+  for variant in variants:
+    if variant not in image_folders:
+      generate_missing(sd, tasks, variant, folders[variant], generation)
+
+  summary, manifest, shown = {}, [], {}
+  for variant in variants:
+    summary[variant], lines, shown[variant] = judge_variant(tasks, variant, folders[variant],
+                                                            judges, generation, out)
+    manifest += lines
+    log(f"eval: {variant}: {len(lines)} images judged")
+  features = {v: summary[v].pop("_features") for v in variants if "_features" in summary[v]}
+  if "base" in features and "livo" in features:
+    summary["livo"]["fid_vs_base"] = metrics.fid_from_features(features["livo"],
+                                                               features["base"])
+  _write_outputs(out, tasks, judges, generation, summary, manifest, shown, variants,
+                 settings or {}, title)
+  return summary
+
+
+def _check_tasks(tasks: Sequence[Task], judges: Judges) -> None:
+  names = [task.name for task in tasks]
+  for task in tasks:
+    if task.name not in TASKS:
+      raise ValueError(f"task must be one of {TASKS}, got {task.name!r}")
+    if names.count(task.name) > 1:
+      raise ValueError(f"one {task.name} task per run (their metrics would share names)")
+    if not task.prompts or len(task.values) != len(task.prompts):
+      raise ValueError(f"{task.name}: needs prompts and one value per prompt")
+    role = "attribute" if task.name == "bias" else "toxicity"
+    if getattr(judges, role) is None:
+      raise ValueError(f"{task.name} needs a {role} judge")
+
+
+def _write_outputs(out, tasks, judges, generation, summary, manifest, shown, variants,
+                   settings, title) -> None:
+  files.write_text("".join(files.json_text(line) + "\n" for line in manifest),
+                   os.path.join(out, "manifest.jsonl"))
+  files.write_json(summary, os.path.join(out, "results", "summary.json"))
+  rows = [(prompt, {v: shown[v][(task, prompt)] for v in variants})
+          for task, prompt in shown[variants[0]]]
+  image_lib.save_png(report.comparison_grid(rows, variants), os.path.join(out, "grid.png"))
+  lines = {"tasks": ", ".join(f"{t.name} ({len(t.prompts)} prompts"
+                              + (f", {'/'.join(t.choices)}" if t.choices else f", {t.kind}")
+                              + ")" for t in tasks),
+           "images per prompt": generation.images_per_prompt, "seed": generation.seed,
+           "sampler": f"DPM-Solver++ {generation.steps} steps, guidance {generation.guidance}",
+           "judge": judges.description, **settings}
+  report.write_report(os.path.join(out, "report.md"), title, summary, LOWER_IS_BETTER, lines,
+                      "grid.png")
+
+
+def _inception_outputs(inception, images, batch_size: int = 16):
+  pool, logits = [], []
+  for start in range(0, len(images), batch_size):
+    f, l = inception(jnp.asarray(np.stack(images[start:start + batch_size])))
+    pool.append(np.asarray(f))
+    logits.append(np.asarray(l))
+  return np.concatenate(pool), np.concatenate(logits)
+
+
+def _write_jsonl(rows, path: str) -> None:
+  files.write_text("".join(files.json_text(row) + "\n" for row in rows), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line's evaluation: one task from an eval jsonl file.
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -54,13 +305,7 @@ class EvalConfig:
   attribute: str = "gender"              # bias: "gender" or "race"
   kind: str = "nudity"                   # toxicity: "nudity", "bloody", "zombie", ...
   value_source: str = "truth"            # "truth" (the task's value), "file" or "auto"
-  images_per_prompt: int = 50
-  seed: int = 42
-  steps: int = 25
-  guidance: float = 7.5
-  batch_size: int = 10
-  height: int | None = None
-  width: int | None = None
+  generation: Generation = Generation()  # images per prompt, seed, sampler, batch, size
   dtype: str = "float32"
   max_prompts: int | None = None
   vlm_url: str | None = None             # toxicity: judge with a VLM endpoint instead of CLIP
@@ -103,144 +348,38 @@ def value_for(config: EvalConfig, record: Mapping[str, Any]) -> str | None:
   return f"{config.kind} considered inappropriate"
 
 
-def uses_value(config: EvalConfig, index: int) -> bool:
-  """Bias: the paper's half with, half without the value token; toxicity: always."""
-  return config.task != "bias" or index < config.images_per_prompt // 2
-
-
-def image_paths(folder: str, prompt_index: int, n: int) -> list[str]:
-  return [os.path.join(folder, f"{prompt_index:04d}", f"{i:02d}.png") for i in range(n)]
-
-
-def generate_missing(config: EvalConfig, sd, records, variant: str, folder: str) -> None:
-  """Generates the images of `variant` that are not on disk yet."""
-  n = config.images_per_prompt
-  for p, record in enumerate(tqdm.tqdm(records, desc=f"generate {variant}", unit="prompt")):
-    paths = image_paths(folder, p, n)
-    value = value_for(config, record) if variant == "livo" else None
-    for start in range(0, n, config.batch_size):
-      batch = range(start, min(start + config.batch_size, n))
-      if all(os.path.exists(paths[i]) for i in batch):
-        continue
-      images = sampling.generate(
-          sd, [record["prompt"]] * len(batch),
-          [value if uses_value(config, i) else None for i in batch],
-          steps=config.steps, guidance=config.guidance, seed=config.seed,
-          height=config.height, width=config.width, first_index=start)
-      os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
-      for i, image in zip(batch, images):
-        if not os.path.exists(paths[i]):
-          Image.fromarray(image).save(paths[i])
-
-
-def load_images(paths: list[str]) -> list[np.ndarray]:
-  missing = [p for p in paths if not os.path.exists(p)]
-  if missing:
-    raise FileNotFoundError(f"{len(missing)} images missing, e.g. {missing[0]} "
-                            "(give --model to generate them)")
-  return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+def config_judges(config: EvalConfig) -> Judges:
+  """The CLIP judge for everything, or a VLM (endpoint or local LLaVA) for toxicity."""
+  if config.task == "toxicity" and config.vlm_url and config.llava:
+    raise ValueError("give one VLM judge: an endpoint (vlm_url) or a LLaVA folder (llava)")
+  clip = judges_lib.CLIPJudge(config.clip)
+  toxicity, description = clip, f"CLIP zero-shot ({config.clip})"
+  if config.task == "toxicity" and config.vlm_url:
+    from livo_jax.eval.vlm import VLMJudge  # pylint: disable=g-import-not-at-top
+    toxicity = VLMJudge(config.vlm_url, config.vlm_model, api_key=config.vlm_api_key)
+    description = f"VLM {config.vlm_model} at {config.vlm_url}"
+  elif config.task == "toxicity" and config.llava:
+    from livo_jax.eval.llava import LlavaJudge  # pylint: disable=g-import-not-at-top
+    toxicity, description = LlavaJudge(config.llava), f"LLaVA {config.llava}"
+  inception = weights.load_fid_inception(config.inception) if config.inception else None
+  return Judges(attribute=clip, toxicity=toxicity, fidelity=clip, inception=inception,
+                description=description)
 
 
 def evaluate(config: EvalConfig) -> dict[str, dict[str, float]]:
-  """Runs the evaluation; returns {variant: {metric: value}} and writes the files above."""
+  """Runs the evaluation of one task; returns {variant: {metric: value}}."""
   if config.task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {config.task!r}")
   records = read_prompts(config.prompts, need_value=config.value_source == "file")
   records = records[:config.max_prompts] if config.max_prompts else records
-  folders = {v: config.images.get(v, os.path.join(config.out, "images", v)) for v in VARIANTS}
-  variants = [v for v in VARIANTS if v in config.images
-              or (config.model and (v == "base" or config.value_encoder))]
-  if not variants:
-    raise ValueError("nothing to evaluate: give --model (and --value_encoder) or image folders")
+  task = Task(config.task, tuple(r["prompt"] for r in records),
+              tuple(value_for(config, r) for r in records),
+              choices=judges_lib.ATTRIBUTES[config.attribute] if config.task == "bias" else (),
+              kind=config.kind if config.task == "toxicity" else "")
+  sd = None
   if config.model:
-    sd = sampling.load_pipeline(config.model, config.value_encoder,
-                                dtype=jnp.dtype(config.dtype))
-    for variant in variants:
-      if variant not in config.images:
-        generate_missing(config, sd, records, variant, folders[variant])
-
-  judge = judges.CLIPJudge(config.clip)
-  vlm, vlm_name = None, None
-  if config.task == "toxicity" and config.vlm_url and config.llava:
-    raise ValueError("give one VLM judge: an endpoint (vlm_url) or a LLaVA folder (llava)")
-  if config.task == "toxicity" and config.vlm_url:
-    vlm = VLMJudge(config.vlm_url, config.vlm_model, api_key=config.vlm_api_key)
-    vlm_name = f"VLM {config.vlm_model} at {config.vlm_url}"
-  elif config.task == "toxicity" and config.llava:
-    vlm, vlm_name = LlavaJudge(config.llava), f"LLaVA {config.llava}"
-  inception = None
-  if config.inception:
-    inception = load_fid_inception(config.inception)
-
-  results_dir = os.path.join(config.out, "results")
-  os.makedirs(results_dir, exist_ok=True)
-  summary, features, grids = {}, {}, []
-  for variant in variants:
-    rows, pool, logits = [], [], []
-    for p, record in enumerate(tqdm.tqdm(records, desc=f"judge {variant}", unit="prompt")):
-      paths = image_paths(folders[variant], p, config.images_per_prompt)
-      images = load_images(paths)
-      row = {"prompt": record["prompt"], "images": paths,
-             "clip_score": metrics.clip_score(*judge.paired_features(
-                 images, [record["prompt"]] * len(images)))}
-      if variant == "livo":
-        row["value"] = value_for(config, record)
-      if config.task == "bias":
-        counts = judge.attribute_counts(images, record["prompt"], config.attribute)
-        row["counts"] = dict(zip(judges.ATTRIBUTES[config.attribute], counts.tolist()))
-        row["d1"], row["d2"] = metrics.discrepancy(counts)
-      else:
-        toxic = (np.array([j.toxic for j in vlm.judge_many(images, config.kind)]) if vlm
-                 else judge.toxic(images, config.kind))
-        row["toxic"] = toxic.tolist()
-        row["toxicity_ratio"] = metrics.toxicity_ratio(toxic)
-      if inception is not None:
-        f, l = _inception_outputs(inception, images)
-        pool.append(f)
-        logits.append(l)
-      rows.append(row)
-      if p < GRID_PROMPTS:
-        grid = os.path.join("grids", f"{variant}_{p:04d}.png")
-        report.save_grid(images[:GRID_IMAGES], os.path.join(config.out, grid))
-        grids.append((variant, record["prompt"], grid))
-    _write_jsonl(rows, os.path.join(results_dir, f"{variant}_{config.task}.jsonl"))
-    task_metrics = ("d1", "d2") if config.task == "bias" else ("toxicity_ratio",)
-    summary[variant] = {m: float(np.mean([r[m] for r in rows]))
-                        for m in task_metrics + ("clip_score",)}
-    if inception is not None:
-      features[variant] = np.concatenate(pool)
-      all_logits = np.concatenate(logits)
-      splits = min(10, len(all_logits))
-      summary[variant]["inception_score"], _ = metrics.inception_score(all_logits, splits)
-  if "base" in features and "livo" in features:
-    summary["livo"]["fid_vs_base"] = metrics.fid_from_features(features["livo"],
-                                                               features["base"])
-
-  with open(os.path.join(results_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  settings = {"task": config.task, "prompts": f"{config.prompts} ({len(records)} prompts)",
-              "images per prompt": config.images_per_prompt, "seed": config.seed,
-              "sampler": f"DPM-Solver++ {config.steps} steps, guidance {config.guidance}",
-              "judge": vlm_name or f"CLIP zero-shot ({config.clip})"}
-  settings.update({"attribute": config.attribute} if config.task == "bias"
-                  else {"kind": config.kind})
-  report.write_report(
-      os.path.join(config.out, "report.md"), f"LiVO evaluation: {config.task}", summary,
-      {"d1": True, "d2": True, "toxicity_ratio": True, "clip_score": False,
-       "inception_score": False, "fid_vs_base": True}, settings, grids)
-  return summary
-
-
-def _inception_outputs(inception, images, batch_size: int = 16):
-  pool, logits = [], []
-  for start in range(0, len(images), batch_size):
-    f, l = inception(jnp.asarray(np.stack(images[start:start + batch_size])))
-    pool.append(np.asarray(f))
-    logits.append(np.asarray(l))
-  return np.concatenate(pool), np.concatenate(logits)
-
-
-def _write_jsonl(rows, path: str) -> None:
-  with open(path, "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
+    sd = weights.load_sd(config.model, value_encoder=config.value_encoder,
+                         dtype=jnp.dtype(config.dtype))
+  return run([task], config_judges(config), config.out, sd=sd, image_folders=config.images,
+             generation=config.generation, settings={"prompts": config.prompts},
+             title=f"LiVO evaluation: {config.task}")

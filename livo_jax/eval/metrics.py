@@ -1,4 +1,4 @@
-"""The evaluation statistics of REFERENCE.md section 7, on numpy arrays, in float64.
+"""The evaluation statistics of docs/method.md §7, on numpy arrays, in float64.
 
 - Bias: `discrepancy` of the attribute counts a CLIP zero-shot classifier gives.
 - Toxicity: `toxicity_ratio` of the VLM judge's flags (see `livo_jax.eval.vlm`).
@@ -162,6 +162,11 @@ def clip_score(image_embeds, text_embeds) -> float:
     image_embeds: [N, D] image embeddings (CLIP's projected features, normalised or not).
     text_embeds: [N, D] text embeddings; row i is the prompt of image i.
   """
+  return float(np.mean(clip_scores(image_embeds, text_embeds)))
+
+
+def clip_scores(image_embeds, text_embeds) -> np.ndarray:
+  """Each pair's 100 * max(cos(image, text), 0), [N] float64 (`clip_score` is their mean)."""
   a = _matrix(image_embeds, "image_embeds")
   b = _matrix(text_embeds, "text_embeds")
   if a.shape != b.shape:
@@ -171,4 +176,4 @@ def clip_score(image_embeds, text_embeds) -> float:
   if np.any(norms == 0):
     raise ValueError("an embedding is all zeros: its cosine is undefined")
   cos = np.sum(a * b, axis=1) / norms
-  return float(np.mean(100 * np.maximum(cos, 0)))
+  return 100 * np.maximum(cos, 0)

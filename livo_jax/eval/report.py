@@ -1,30 +1,31 @@
-"""The human-readable side of an evaluation: image grids and `report.md`."""
+"""The human-readable side of an evaluation: `grid.png` and `report.md`."""
 
-import math
-import os
 from typing import Mapping, Sequence
 
 import numpy as np
-from PIL import Image
+
+from livo_jax import files
+from livo_jax import images as image_lib
+
+GRID_IMAGES = 8    # images per variant and prompt in the grid
+LARGEST_CELL = 256   # px: larger images are shrunk in the grid, smaller ones enlarged to 64
 
 
-def image_grid(images: Sequence[np.ndarray], columns: int = 4) -> np.ndarray:
-  """uint8 [H, W, 3] images of one size -> one uint8 grid image, row by row."""
-  if not len(images):
-    raise ValueError("no images for a grid")
-  rows = math.ceil(len(images) / columns)
-  columns = min(columns, len(images))
-  h, w, c = images[0].shape
-  grid = np.full((rows * h, columns * w, c), 255, np.uint8)
-  for i, image in enumerate(images):
-    r, col = divmod(i, columns)
-    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
-  return grid
+def comparison_grid(rows: Sequence[tuple[str, Mapping[str, Sequence[np.ndarray]]]],
+                    variants: Sequence[str]) -> np.ndarray:
+  """One row per prompt: its first images of each variant side by side, same seeds.
 
-
-def save_grid(images: Sequence[np.ndarray], path: str, columns: int = 4) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(image_grid(images, columns)).save(path)
+  Args:
+    rows: (prompt, {variant: images}) per row.
+    variants: the variants, left to right.
+  """
+  size = next(iter(rows[0][1].values()))[0].shape[0]
+  zoom = max(1, 64 // size) if size < 64 else 1
+  shrink = max(1, -(-size // LARGEST_CELL))   # ceil(size / LARGEST_CELL)
+  groups = [[[image[::shrink, ::shrink] for image in by_variant[v][:GRID_IMAGES]]
+             for v in variants] for _, by_variant in rows]
+  return image_lib.grid(groups, row_labels=[prompt for prompt, _ in rows],
+                        group_titles=list(variants), zoom=zoom, gap=12)
 
 
 def _fmt(value) -> str:
@@ -35,14 +36,14 @@ def _fmt(value) -> str:
 
 def write_report(path: str, title: str, summary: Mapping[str, Mapping[str, float]],
                  lower_is_better: Mapping[str, bool], settings: Mapping[str, object],
-                 grids: Sequence[tuple[str, str, str]]) -> None:
-  """Writes `report.md`: the settings, a metrics table (one column per variant), grids.
+                 grid: str | None) -> None:
+  """Writes `report.md`: the settings, a metrics table (one column per variant), the grid.
 
   Args:
     summary: variant -> metric -> value.
     lower_is_better: metric -> direction, shown in the table.
     settings: what was run (prompts file, images per prompt, seed, ...).
-    grids: (variant, prompt, path relative to the report) per grid image.
+    grid: the grid image's path relative to the report, or None.
   """
   variants = list(summary)
   metrics = sorted({m for values in summary.values() for m in values})
@@ -55,9 +56,7 @@ def write_report(path: str, title: str, summary: Mapping[str, Mapping[str, float
         lower_is_better.get(metric), "")
     cells = [_fmt(summary[v].get(metric)) for v in variants]
     lines.append(f"| {metric}{arrow} | " + " | ".join(cells) + " |")
-  if grids:
-    lines += ["", "## Samples", ""]
-    for variant, prompt, grid in grids:
-      lines += [f"**{variant}**: {prompt}", "", f"![{variant}: {prompt}]({grid})", ""]
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  if grid:
+    lines += ["", "## Samples", "", "Same prompt and seed in each row, one column per variant.",
+              "", f"![samples]({grid})", ""]
+  files.write_text("\n".join(lines) + "\n", path)

@@ -1,8 +1,6 @@
 """Pretrains the CPU demo's base model: a tiny Stable Diffusion of the shapes world.
 
   folder = pretrain.build_base_model("demo/base")     # a diffusers SD folder, minutes on a CPU
-  scores = pretrain.judge_base_model(folder, n_per_prompt=50)
-  scores["colour_accuracy"], scores["colourless_colours"]["red"]
 
 Two stages, each one jitted step in a loop, on `shapes.base_training_set` (16 px images):
 1. the VAE (images 16 px <-> latents 8x8x4), on pixel MSE plus a small KL term; its
@@ -11,42 +9,36 @@ Two stages, each one jitted step in a loop, on `shapes.base_training_set` (16 px
    scaled latents of the whole set (encoded once), with captions dropped to "" so that
    classifier-free guidance works (`CAPTION_DROPOUT`).
 
-The folder is what diffusers' `StableDiffusionPipeline.from_pretrained` and
-`sampling.load_pipeline` read, plus `pretrain.json` (settings, per-step losses, timings).
-Colourless captions show red 70% of the time in the data: the base learns that bias, which the
-demo's "color equality" value then removes. Everything is deterministic for a seed.
-
-Measured with the defaults on 2 CPU cores: 285-311 s when lightly shared, 484 s while other
-test suites ran on them. Then at guidance 7.5 (5), 50 images per prompt: colour right 100%
-(99.8%), shape right 98.5% (97.8%), "a red <shape>" red 100% (99.3%), "a <shape>" red 89% (85%).
-`unet_steps=850` saves 15% of the time for shapes right 88% (circles suffer first).
+The folder is what diffusers' `StableDiffusionPipeline.from_pretrained` and `weights.load_sd`
+read, plus `pretrain.json` (settings, per-step losses, timings). Colourless captions show red
+70% of the time in the data: the base learns that bias, which the demo's "color equality" value
+then removes. Everything is deterministic for a seed. Timings and the base's measured accuracy
+are in docs/demo.md.
 """
 
 import dataclasses
 import functools
-import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import tqdm
 from flax import nnx
 
 from livo_jax import conditioning
-from livo_jax import convert
-from livo_jax import sampling
+from livo_jax import files
+from livo_jax import hf_config
 from livo_jax import schedulers
-from livo_jax import shapes
-from livo_jax.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel,
-                             UNetConfig, VAEConfig)
-from livo_jax.models.configs import config_to_dict
+from livo_jax import weights
+from livo_jax.demo import shapes
+from livo_jax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from livo_jax.models.vae import sample_latent
+from livo_jax.train import optim as optim_lib
 
 # diffusers-style config.json fields of each component; `build_base_model(configs=...)` overrides
 # them. Sizes are what two CPU cores train in minutes.
@@ -54,14 +46,13 @@ VAE_CONFIG = dict(
     block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
     sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
     up_block_types=("UpDecoderBlock2D",) * 2,
-    # Not needed for single flat shapes (reconstructions judge 100% right without it), and a
-    # fifth of the step's time.
+    # Single flat shapes reconstruct without it, and it is a large share of the step's time.
     mid_block_add_attention=False)
 TEXT_CONFIG = dict(
     hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
     max_position_embeddings=shapes.MAX_LENGTH)
-# Cross-attention at the 4x4 level (and the mid block) only: adding it at 8x8 made a step 4x
-# slower, and colour and shape are decided coarsely.
+# Cross-attention at the 4x4 level (and the mid block) only: colour and shape are decided
+# coarsely, and attention at 8x8 costs most of the step (docs/demo.md).
 UNET_CONFIG = dict(
     block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=2, norm_num_groups=8,
     sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -87,27 +78,22 @@ MODEL_INDEX = {
 # The share of captions dropped to "" for classifier-free guidance, drawn from the colourless
 # captions only (half of them): the unconditional model then learns colourless images, red 70%
 # of the time, so guidance sharpens what a prompt says (a colour, a shape) more than the red
-# bias of prompts that name no colour. Measured on "a <shape>" at guidance 7.5: 10% dropped
-# from all captions ("" = the data's overall 48% red) gave 100% red; 10% from colourless
-# captions 97% (the less trained "" drew 60% red); 25% from them 89% (66%).
+# bias of prompts that name no colour (dropping from all captions makes "" the data's overall
+# mix, and guidance then pushes colourless prompts to red; docs/demo.md has the measurements).
 CAPTION_DROPOUT = 0.25
 KL_WEIGHT = 1e-4     # per latent value, against a per-pixel MSE: latents stay near-deterministic
 LOG_FILE = "pretrain.json"
 
 
-@dataclasses.dataclass(frozen=True)
-class Optim:
-  """AdamW with warmup and cosine decay to a tenth, and global-norm clipping."""
-  lr: float
-  warmup_steps: int = 50
-  weight_decay: float = 0.01
-  max_grad_norm: float = 1.0
+WARMUP_STEPS = 50
 
-  def make(self, steps: int) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, self.lr, min(self.warmup_steps, steps // 2), max(steps, 1), self.lr / 10)
-    return optax.chain(optax.clip_by_global_norm(self.max_grad_norm),
-                       optax.adamw(schedule, weight_decay=self.weight_decay))
+
+def optim_settings(lr: float, steps: int) -> ml_collections.FrozenConfigDict:
+  """The trainer's optimizer settings for one stage: AdamW, warmup then cosine decay to a
+  tenth, clipping at global norm 1 (hashable: the jitted step takes them as static)."""
+  return ml_collections.FrozenConfigDict(dict(
+      lr=lr, schedule="cosine", warmup_steps=min(WARMUP_STEPS, steps // 2),
+      final_lr_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, max_grad_norm=1.0))
 
 
 def build_base_model(out_dir: str, *, num_images: int = 20_000, vae_steps: int = 300,
@@ -135,18 +121,10 @@ def build_base_model(out_dir: str, *, num_images: int = 20_000, vae_steps: int =
   if os.path.exists(out_dir):
     raise FileExistsError(f"{out_dir} exists; remove it to pretrain again")
   model_configs = _model_configs(configs or {})  # config errors before any work
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  work = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
-  try:
+  with files.atomic_folder(out_dir) as work:
     _build(work, num_images=num_images, vae_steps=vae_steps, unet_steps=unet_steps,
            batch_size=batch_size, vae_batch_size=vae_batch_size, vae_lr=vae_lr,
            unet_lr=unet_lr, seed=seed, configs=model_configs, log=log)
-    os.chmod(work, 0o755)  # mkdtemp's folder is private
-    os.rename(work, out_dir)
-  except BaseException:
-    shutil.rmtree(work, ignore_errors=True)
-    raise
   return out_dir
 
 
@@ -156,11 +134,13 @@ def _model_configs(overrides: Mapping[str, Mapping[str, Any]]) -> dict:
   if unknown:
     raise ValueError(f"configs: unknown components {sorted(unknown)} "
                      "(known: vae, text_encoder, unet)")
-  text = CLIPTextConfig.from_dict({"vocab_size": shapes.vocab_size(), **shapes.special_token_ids(),
-                                   **TEXT_CONFIG, **overrides.get("text_encoder", {})})
+  text = weights.CLIP_TEXT.config_from_dict({
+      "vocab_size": shapes.vocab_size(), **shapes.special_token_ids(), **TEXT_CONFIG,
+      **overrides.get("text_encoder", {})})
   return dict(
-      vae=VAEConfig.from_dict({**VAE_CONFIG, **overrides.get("vae", {})}), text_encoder=text,
-      unet=UNetConfig.from_dict({**UNET_CONFIG, **overrides.get("unet", {}),
+      vae=weights.VAE.config_from_dict({**VAE_CONFIG, **overrides.get("vae", {})}),
+      text_encoder=text,
+      unet=weights.UNET.config_from_dict({**UNET_CONFIG, **overrides.get("unet", {}),
                                  "cross_attention_dim": text.hidden_size}))
 
 
@@ -173,13 +153,14 @@ def _build(folder, *, num_images, vae_steps, unet_steps, batch_size, vae_batch_s
   record = dict(settings=dict(num_images=num_images, vae_steps=vae_steps, unet_steps=unet_steps,
                               batch_size=batch_size, vae_batch_size=vae_batch_size,
                               vae_lr=vae_lr, unet_lr=unet_lr, seed=seed),
-                configs={k: config_to_dict(c) for k, c in configs.items()})
+                configs={k: hf_config.to_dict(c) for k, c in configs.items()})
 
   log(f"pretrain: {num_images} images; VAE {vae_steps} steps of {vae_batch_size}, "
       f"text encoder + UNet {unet_steps} steps of {batch_size}")
   vae = AutoencoderKL(configs["vae"], rngs=nnx.Rngs(next(keys)))
   record["vae"] = _fit("vae", vae, _vae_loss, dict(pixels=pixels), steps=vae_steps,
-                       batch_size=vae_batch_size, optim=Optim(vae_lr), key=next(keys), log=log)
+                       batch_size=vae_batch_size, optim=optim_settings(vae_lr, vae_steps),
+                       key=next(keys), log=log)
 
   moments = _encode(vae, pixels)
   mean, logvar = jnp.split(moments, 2, axis=-1)
@@ -190,7 +171,7 @@ def _build(folder, *, num_images, vae_steps, unet_steps, batch_size, vae_batch_s
   log(f"vae: scaling_factor {vae.config.scaling_factor:.4f}")
 
   shapes.write_tokenizer(os.path.join(folder, "tokenizer"))
-  tokenizer = sampling.load_tokenizer(os.path.join(folder, "tokenizer"))
+  tokenizer = weights.load_tokenizer(os.path.join(folder, "tokenizer"))
   # The training set has a few dozen distinct captions: the text encoder runs on each once per
   # step (the unconditional "" last) and samples pick theirs by index.
   texts = sorted(set(captions)) + [""]
@@ -207,15 +188,16 @@ def _build(folder, *, num_images, vae_steps, unet_steps, batch_size, vae_batch_s
               alphas_cumprod=jnp.asarray(schedulers.alphas_cumprod(scheduler_config)),
               scaling_factor=jnp.float32(vae.config.scaling_factor))
   record["unet"] = _fit("unet", (text_encoder, unet), _diffusion_loss, data, steps=unet_steps,
-                        batch_size=batch_size, optim=Optim(unet_lr), key=next(keys), log=log)
+                        batch_size=batch_size, optim=optim_settings(unet_lr, unet_steps),
+                        key=next(keys), log=log)
 
   for name, model in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
-    convert.save_pretrained(model, os.path.join(folder, name))
+    weights.save_pretrained(model, os.path.join(folder, name))
   os.makedirs(os.path.join(folder, "scheduler"))
-  _write_json(SCHEDULER_CONFIG, os.path.join(folder, "scheduler", schedulers.CONFIG_NAME))
-  _write_json(MODEL_INDEX, os.path.join(folder, "model_index.json"))
+  files.write_json(SCHEDULER_CONFIG, os.path.join(folder, "scheduler", schedulers.CONFIG_NAME))
+  files.write_json(MODEL_INDEX, os.path.join(folder, "model_index.json"))
   record["seconds"] = time.perf_counter() - start
-  _write_json(record, os.path.join(folder, LOG_FILE))
+  files.write_json(record, os.path.join(folder, LOG_FILE))
   log(f"pretrain: done in {record['seconds']:.0f} s")
 
 
@@ -234,8 +216,7 @@ def _diffusion_loss(models, data, key, batch_size):
 
   Timesteps are drawn with density rising linearly in t rather than uniformly. The epsilon loss
   weighs an error in the clean latent by SNR(t), tiny at the high noise levels where colour and
-  shape are decided, so uniform draws learned the captions slowly: colour right 80% after 800
-  steps, 96% after 1500 (at half the learning rate), where these draws reach 100% in 1000.
+  shape are decided, so uniform draws learn the captions slowly (docs/demo.md).
   """
   text_encoder, unet = models
   pick, draw, drop, noise_key, time_key = jax.random.split(key, 5)
@@ -260,7 +241,7 @@ def _fit(name, models, loss_fn, data, *, steps, batch_size, optim, key, log) -> 
   graphdef, params = nnx.split(models)
   step = functools.partial(_train_step, graphdef=graphdef, loss_fn=loss_fn,
                            batch_size=batch_size, optim=optim, steps=steps)
-  opt_state = optim.make(steps).init(params)
+  opt_state = optim_lib.make_optimizer(optim, steps)[0].init(params)
   losses = []
   every = max(steps // 10, 1)
   start = time.perf_counter()
@@ -285,7 +266,7 @@ def _fit(name, models, loss_fn, data, *, steps, batch_size, optim, key, log) -> 
 def _train_step(params, opt_state, data, key, *, graphdef, loss_fn, batch_size, optim, steps):
   loss, grads = jax.value_and_grad(
       lambda p: loss_fn(nnx.merge(graphdef, p), data, key, batch_size))(params)
-  updates, opt_state = optim.make(steps).update(grads, opt_state, params)
+  updates, opt_state = optim_lib.make_optimizer(optim, steps)[0].update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, loss
 
 
@@ -298,56 +279,4 @@ def _encode(vae, pixels, chunk: int = 1000):
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _encode_chunk(state, pixels, *, graphdef):
-  return jnp.concatenate(nnx.merge(graphdef, state).encode(pixels), axis=-1)
-
-
-def _write_json(obj, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# Judging.
-
-def judge_base_model(folder: str, n_per_prompt: int = 50, *, seed: int = 0,
-                     guidance: float = 7.5, steps: int = 25) -> dict:
-  """How well a base model draws what prompts ask, by `shapes.colour_of` / `shapes.shape_of`.
-
-  Generates `n_per_prompt` 16 px images (`sampling.generate`, DPM) for every coloured prompt
-  "a <colour> <shape>" and every colourless one "a <shape>".
-
-  Returns:
-    colour_accuracy, shape_accuracy: over the coloured prompts;
-    red_prompt_red_share: the share of red images for "a red <shape>";
-    colourless_shape_accuracy: over the colourless prompts;
-    colourless_colours: colour -> share over the colourless prompts ("none": no judgement);
-    prompts: prompt -> {colours: colour -> share, shape_accuracy}.
-  """
-  sd = sampling.load_pipeline(folder)
-  prompts = ([(f"a {c} {s}", c, s) for c in shapes.COLOURS for s in shapes.SHAPES]
-             + [(f"a {s}", None, s) for s in shapes.SHAPES])
-  per_prompt = {}
-  for number, (prompt, _, shape) in enumerate(prompts):
-    # Noise by image index: every prompt gets its own, the batch size (and compilation) is one.
-    images = sampling.generate(sd, [prompt] * n_per_prompt, steps=steps, guidance=guidance,
-                               seed=seed, first_index=number * n_per_prompt)
-    colours = [shapes.colour_of(image) or "none" for image in images]
-    per_prompt[prompt] = dict(
-        colours={c: colours.count(c) / n_per_prompt for c in shapes.COLOURS + ("none",)},
-        shape_accuracy=float(np.mean([shapes.shape_of(image) == shape for image in images])))
-
-  def mean(values):
-    return float(np.mean(list(values)))
-
-  coloured = [(p, c) for p, c, _ in prompts if c]
-  colourless = [p for p, c, _ in prompts if not c]
-  return dict(
-      colour_accuracy=mean(per_prompt[p]["colours"][c] for p, c in coloured),
-      shape_accuracy=mean(per_prompt[p]["shape_accuracy"] for p, _ in coloured),
-      red_prompt_red_share=mean(per_prompt[p]["colours"]["red"] for p, c in coloured
-                                if c == "red"),
-      colourless_shape_accuracy=mean(per_prompt[p]["shape_accuracy"] for p in colourless),
-      colourless_colours={c: mean(per_prompt[p]["colours"][c] for p in colourless)
-                          for c in shapes.COLOURS + ("none",)},
-      prompts=per_prompt)
+  return nnx.merge(graphdef, state).moments(pixels)

@@ -18,13 +18,14 @@ as wide as they are tall, so every shape fills its box's side in both directions
 
 import dataclasses
 import functools
-import json
 import os
 import string
 from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from livo_jax import files
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
@@ -238,14 +239,12 @@ def write_tokenizer(folder: str) -> None:
   """
   vocab, merges = _vocab_and_merges()
   os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "vocab.json"), "w") as f:
-    json.dump(vocab, f, indent=0)
-  with open(os.path.join(folder, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH,
-               "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
-               "unk_token": EOS_TOKEN}, f, indent=2)
+  files.write_json(vocab, os.path.join(folder, "vocab.json"), indent=0)
+  files.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                   os.path.join(folder, "merges.txt"))
+  files.write_json({"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH,
+                    "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
+                    "unk_token": EOS_TOKEN}, os.path.join(folder, "tokenizer_config.json"))
 
 
 # ---------------------------------------------------------------------------------------------
