@@ -23,7 +23,6 @@ and, with --step_seconds (the trainer's seconds per step at this batch), the hea
 pairs/s / (batch / step_seconds): how many times what the trainer consumes it delivers.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -31,6 +30,8 @@ import sys
 import tempfile
 import time
 
+from absl import app
+from absl import flags
 import numpy as np
 from PIL import Image
 
@@ -49,6 +50,24 @@ PROMPTS = (
     ("religious equality", "people celebrating a festival in the street"),
 )
 ALIGNED, VIOLATING = 4, 4  # images per scene
+
+_IMAGES = flags.DEFINE_integer("images", 512, "aligned + violating, 8 a scene")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 512, "JPEG width = height")
+_RESOLUTION = flags.DEFINE_integer("resolution", 512, "R, the training image size")
+_BATCH = flags.DEFINE_integer("batch", 8, "global batch (one host)")
+_THREADS = flags.DEFINE_integer("threads", os.cpu_count(),
+                                "grain threads reading and decoding rows")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "batches before timing")
+_BATCHES = flags.DEFINE_integer("batches", 50, "timed batches, cached mode")
+_PIXEL_BATCHES = flags.DEFINE_integer("pixel_batches", 20, "timed batches, pixels")
+_MODES = flags.DEFINE_string("modes", "cached,pixels", "comma-separated: cached and/or pixels")
+_STEP_SECONDS = flags.DEFINE_float(
+    "step_seconds", None, "the trainer's seconds per step at this batch: report the headroom")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "a CLIP tokenizer folder (default: the tests' tiny one)")
+# The JSON's "args": these flags, in this order.
+_ARGS = (_IMAGES, _IMAGE_SIZE, _RESOLUTION, _BATCH, _THREADS, _WARMUP, _BATCHES, _PIXEL_BATCHES,
+         _MODES, _STEP_SECONDS, _TOKENIZER)
 
 
 def log(message: str) -> None:
@@ -111,13 +130,13 @@ def fake_text_encoder(dim: int = 768):
   return lambda prompts: rng.standard_normal((len(prompts), 77, dim), dtype=np.float32)
 
 
-def measure(source, tokenizer, args, caches: dict, batches: int) -> dict:
-  """Throughput of `batches` batches of train_iterator after args.warmup batches."""
-  it = data.train_iterator(source, tokenizer=tokenizer, resolution=args.resolution,
-                           center_crop=True, random_flip=True, global_batch=args.batch, seed=0,
-                           num_threads=args.threads, prefetch=2, **caches)
+def measure(source, tokenizer, caches: dict, batches: int) -> dict:
+  """Throughput of `batches` batches of train_iterator after --warmup batches."""
+  it = data.train_iterator(source, tokenizer=tokenizer, resolution=_RESOLUTION.value,
+                           center_crop=True, random_flip=True, global_batch=_BATCH.value, seed=0,
+                           num_threads=_THREADS.value, prefetch=2, **caches)
   try:
-    for _ in range(args.warmup):
+    for _ in range(_WARMUP.value):
       next(it)
     nbytes = 0
     start = time.perf_counter()
@@ -126,56 +145,44 @@ def measure(source, tokenizer, args, caches: dict, batches: int) -> dict:
     seconds = time.perf_counter() - start
   finally:
     it.close()
-  pairs_per_second = batches * args.batch / seconds
+  pairs_per_second = batches * _BATCH.value / seconds
   result = dict(batches=batches, seconds=round(seconds, 3),
                 batches_per_second=round(batches / seconds, 2),
                 pairs_per_second=round(pairs_per_second, 1),
                 mb_per_second=round(nbytes / 2**20 / seconds, 1),
                 batch_mb=round(nbytes / batches / 2**20, 2))
-  if args.step_seconds:
-    result["headroom"] = round(pairs_per_second / (args.batch / args.step_seconds), 2)
+  if _STEP_SECONDS.value:
+    result["headroom"] = round(pairs_per_second / (_BATCH.value / _STEP_SECONDS.value), 2)
   return result
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--images", type=int, default=512, help="aligned + violating, 8 a scene")
-  parser.add_argument("--image_size", type=int, default=512, help="JPEG width = height")
-  parser.add_argument("--resolution", type=int, default=512, help="R, the training image size")
-  parser.add_argument("--batch", type=int, default=8, help="global batch (one host)")
-  parser.add_argument("--threads", type=int, default=os.cpu_count())
-  parser.add_argument("--warmup", type=int, default=3, help="batches before timing")
-  parser.add_argument("--batches", type=int, default=50, help="timed batches, cached mode")
-  parser.add_argument("--pixel_batches", type=int, default=20, help="timed batches, pixels")
-  parser.add_argument("--modes", default="cached,pixels")
-  parser.add_argument("--step_seconds", type=float, default=None,
-                      help="the trainer's seconds per step at this batch: report the headroom")
-  parser.add_argument("--tokenizer", help="a CLIP tokenizer folder (default: the tests' tiny one)")
-  args = parser.parse_args()
-  modes = args.modes.split(",")
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  modes = _MODES.value.split(",")
   if not set(modes) <= {"cached", "pixels"}:
-    parser.error(f"--modes: cached and/or pixels, got {args.modes}")
+    raise app.UsageError(f"--modes: cached and/or pixels, got {_MODES.value}")
 
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
-    raw = write_raw(os.path.join(tmp, "livo_data"), args.images, args.image_size)
+    raw = write_raw(os.path.join(tmp, "livo_data"), _IMAGES.value, _IMAGE_SIZE.value)
     write_seconds = time.perf_counter() - start
     start = time.perf_counter()
     source = data.PreferenceSource(data.prepare(raw, cache_root=os.path.join(tmp, "cache"),
                                                 log=log))
     prepare_seconds = time.perf_counter() - start
-    tokenizer = load_tokenizer(args.tokenizer, tmp)
+    tokenizer = load_tokenizer(_TOKENIZER.value, tmp)
     caches, cache_seconds = {}, None
     if "cached" in modes:
       start = time.perf_counter()
       caches = dict(
-          moments=data.cache_moments(source, fake_encoder(args.resolution),
-                                     resolution=args.resolution, random_flip=True, key="bench",
+          moments=data.cache_moments(source, fake_encoder(_RESOLUTION.value),
+                                     resolution=_RESOLUTION.value, random_flip=True, key="bench",
                                      log=log),
           text=data.cache_text_embeddings(source, fake_text_encoder(), key="bench", log=log))
       cache_seconds = round(time.perf_counter() - start, 2)
-    results = {mode: measure(source, tokenizer, args, caches if mode == "cached" else {},
-                             args.batches if mode == "cached" else args.pixel_batches)
+    results = {mode: measure(source, tokenizer, caches if mode == "cached" else {},
+                             _BATCHES.value if mode == "cached" else _PIXEL_BATCHES.value)
                for mode in modes}
     dataset = dict(images=source.num_records, scenes=source.num_scenes, aligned=len(source),
                    jpeg_kib_mean=round(jpeg_kib_mean(raw), 1),
@@ -185,8 +192,8 @@ def main():
       benchmark="data_pipeline", date=time.strftime("%Y-%m-%d"),
       machine=dict(platform=platform.platform(), cpu=platform.processor() or platform.machine(),
                    cores=os.cpu_count()),
-      args=vars(args), dataset=dataset, **results), indent=2))
+      args={f.name: f.value for f in _ARGS}, dataset=dataset, **results), indent=2))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

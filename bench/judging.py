@@ -7,7 +7,6 @@ Prints one JSON object: images/s after warm-up for CLIP bias judging (5 race att
 image, preprocessing included) and for Inception pool3+logits at 299 px, plus compile times.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -15,6 +14,8 @@ import sys
 import tempfile
 import time
 
+from absl import app
+from absl import flags
 import jax
 import numpy as np
 import transformers
@@ -43,6 +44,9 @@ PRESETS = {
         projection_dim=768),
 }
 
+_PRESET = flags.DEFINE_enum("preset", "tiny", sorted(PRESETS), "random CLIP shape")
+_IMAGES = flags.DEFINE_integer("images", 32, "random 512 px images, judged as one batch")
+
 
 def images_per_second(fn, n_images, repeats=3):
   """(images/s after the first call, seconds the first call took beyond a later one)."""
@@ -53,29 +57,26 @@ def images_per_second(fn, n_images, repeats=3):
   return n_images / seconds, first - seconds
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-  parser.add_argument("--images", type=int, default=32)
-  args = parser.parse_args()
-
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   folder = os.path.join(tempfile.mkdtemp(), "clip")
-  config = transformers.CLIPConfig(**PRESETS[args.preset])
+  config = transformers.CLIPConfig(**PRESETS[_PRESET.value])
   transformers.CLIPModel(config).save_pretrained(folder)
   tiny_sd.write_tokenizer(folder)
-  judge = judges.CLIPJudge(folder, batch_size=args.images)
-  images = list(np.random.default_rng(0).integers(0, 256, (args.images, 512, 512, 3), np.uint8))
+  judge = judges.CLIPJudge(folder, batch_size=_IMAGES.value)
+  images = list(np.random.default_rng(0).integers(0, 256, (_IMAGES.value, 512, 512, 3), np.uint8))
   clip_rate, clip_compile = images_per_second(
-      lambda: judge.attribute_counts(images, "a photo of a doctor", "race"), args.images)
+      lambda: judge.attribute_counts(images, "a photo of a doctor", "race"), _IMAGES.value)
 
   inception = InceptionV3(rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(inception)
   forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
   batch = np.stack(images)
   inception_rate, inception_compile = images_per_second(
-      lambda: jax.block_until_ready(forward(state, batch)), args.images)
+      lambda: jax.block_until_ready(forward(state, batch)), _IMAGES.value)
   print(json.dumps({
-      "benchmark": "judging", "preset": args.preset, "images": args.images,
+      "benchmark": "judging", "preset": _PRESET.value, "images": _IMAGES.value,
       "input_size": 512, "clip_bias_images_per_s": round(clip_rate, 2),
       "clip_compile_seconds": round(clip_compile, 2),
       "inception_images_per_s": round(inception_rate, 2),
@@ -86,4 +87,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -8,12 +8,13 @@ torch / flax (> 1 means Flax is faster), the Flax compile time, and the max abs 
 two outputs relative to the output's scale (a parity check on a bigger model than the tests use).
 """
 
-import argparse
 import json
 import os
 import platform
 import time
 
+from absl import app
+from absl import flags
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from livo_jax import convert
+from livo_jax import weights
 from livo_jax.models import UNet2DConditionModel, UNetConfig
 from timing import median_seconds
 
@@ -35,34 +36,35 @@ PRESETS = {
     "sd15": dict(_SD_BLOCKS, block_out_channels=[320, 640, 1280, 1280]),
 }
 
+_PRESET = flags.DEFINE_enum("preset", "mid", sorted(PRESETS), "UNet shape")
+_RESOLUTION = flags.DEFINE_integer("resolution", 32, "latent height = width")
+_BATCH = flags.DEFINE_integer("batch", 2, "batch size")
+_CONTEXT_LEN = flags.DEFINE_integer("context_len", 77, "text context length")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls per side")
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--preset", choices=sorted(PRESETS), default="mid")
-  parser.add_argument("--resolution", type=int, default=32, help="latent height = width")
-  parser.add_argument("--batch", type=int, default=2)
-  parser.add_argument("--context_len", type=int, default=77)
-  parser.add_argument("--repeats", type=int, default=5)
-  args = parser.parse_args()
 
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   torch.manual_seed(0)
-  torch_unet = diffusers.UNet2DConditionModel(**PRESETS[args.preset]).eval()
+  torch_unet = diffusers.UNet2DConditionModel(**PRESETS[_PRESET.value]).eval()
   tensors = {k: v.numpy() for k, v in torch_unet.state_dict().items()}
-  config = UNetConfig.from_dict(dict(torch_unet.config))
+  config = weights.UNET.config_from_dict(dict(torch_unet.config))
   unet = nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
-  convert.fill_from_torch(unet, tensors, "torch UNet")
+  weights.layout.fill_from_torch(unet, tensors, "torch UNet")
 
   rng = np.random.default_rng(0)
-  latents = rng.standard_normal((args.batch, 4, args.resolution, args.resolution), np.float32)
-  context = rng.standard_normal((args.batch, args.context_len, 768), np.float32)
-  timesteps = np.array([500] * args.batch)
+  latents = rng.standard_normal((_BATCH.value, 4, _RESOLUTION.value, _RESOLUTION.value),
+                                np.float32)
+  context = rng.standard_normal((_BATCH.value, _CONTEXT_LEN.value, 768), np.float32)
+  timesteps = np.array([500] * _BATCH.value)
 
   with torch.inference_mode():
     torch_inputs = (torch.from_numpy(latents), torch.from_numpy(timesteps),
                     torch.from_numpy(context))
     torch_forward = lambda: torch_unet(*torch_inputs).sample
     torch_out = torch_forward().numpy()
-    torch_seconds, _ = median_seconds(torch_forward, args.repeats)
+    torch_seconds, _ = median_seconds(torch_forward, _REPEATS.value)
 
   graphdef, state = nnx.split(unet)
   forward = jax.jit(lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c))
@@ -73,12 +75,12 @@ def main():
   compile_seconds = time.perf_counter() - start
   flax_out = np.asarray(compiled(*jax_inputs).block_until_ready())
   flax_seconds, _ = median_seconds(lambda: compiled(*jax_inputs).block_until_ready(),
-                                   args.repeats)
+                                   _REPEATS.value)
 
   error = np.abs(flax_out.transpose(0, 3, 1, 2) - torch_out).max() / np.abs(torch_out).max()
   print(json.dumps({
-      "benchmark": "unet_forward", "preset": args.preset, "batch": args.batch,
-      "latent_resolution": args.resolution, "context_len": args.context_len,
+      "benchmark": "unet_forward", "preset": _PRESET.value, "batch": _BATCH.value,
+      "latent_resolution": _RESOLUTION.value, "context_len": _CONTEXT_LEN.value,
       "parameters": sum(v.size for v in tensors.values()),
       "torch_seconds": round(torch_seconds, 4), "flax_seconds": round(flax_seconds, 4),
       "speedup_flax_over_torch": round(torch_seconds / flax_seconds, 3),
@@ -91,4 +93,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
