@@ -63,11 +63,6 @@ def _groups(row) -> list:
   return [list(group) for group in row]
 
 
-def chunks(images: Sequence[np.ndarray], columns: int) -> list[list[np.ndarray]]:
-  """Images in rows of `columns`: the rows of a plain grid."""
-  return [list(images[i:i + columns]) for i in range(0, len(images), columns)]
-
-
 def save_png(image: np.ndarray, path: str) -> None:
   """An image as a PNG, written atomically (folders made as needed)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -2,10 +2,8 @@
 
 Model code only: each module holds its Flax modules and the config dataclass that shapes them,
 and nothing here reads a file or imports from the rest of `livo_jax`. The weights layer
-(`livo_jax.weights`) reads config.json files into these dataclasses and fills the parameters:
-
-  from livo_jax import weights
-  unet = weights.load_unet("sd15/unet", dtype=jnp.bfloat16)   # unet(latents, t, context)
+above (`livo_jax.weights`: `load_unet`, `load_vae`, `load_clip_text`, `load_sd`, ...) reads
+config.json files into these dataclasses and fills the parameters.
 """
 
 from livo_jax.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,

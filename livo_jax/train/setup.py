@@ -98,7 +98,6 @@ class Trainer:
   frozen: dict                   # the frozen nets' nnx states, placed on the mesh
   step: Callable                 # the jitted train step
   state_shardings: Any
-  value_graphdef: Any            # to merge `state["params"]` back into a value encoder
   settings: step_lib.StepSettings
 
 
@@ -130,8 +129,7 @@ def build_trainer(config, sd: weights.StableDiffusion, mesh, *, donate: bool = T
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,) if donate else ())
   return Trainer(state=state, frozen=jax.device_put(frozen, frozen_shardings), step=train_step,
-                 state_shardings=state_shardings, value_graphdef=value_graphdef,
-                 settings=settings)
+                 state_shardings=state_shardings, settings=settings)
 
 
 def make_batches(config, source: data.PreferenceSource, sd: weights.StableDiffusion, mesh):
