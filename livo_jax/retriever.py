@@ -10,8 +10,9 @@
    - Offline by default (stage "lexicon"): a list of person words decides whether there is a
      person, and the value is the attribute the prompt leaves open (see `lexicon_value`).
    - With a `chat.ChatClient` (stage "llm"): an OpenAI-compatible chat endpoint answers a
-     few-shot question. Any failure (timeout, connection or HTTP error, bad JSON, unparsable answer)
-     falls back to the lexicon's answer (stage "llm-fallback") and never raises.
+     few-shot question (the client retries transient failures). Any failure (timeout,
+     connection or HTTP error, refused redirect, bad JSON, unparsable answer) falls back to
+     the lexicon's answer (stage "llm-fallback") and never raises.
 
 Where the original picks one of the two values at random, we pick by a hash of the prompt, so a
 prompt always gets the same value, in every process.
@@ -24,6 +25,7 @@ Command line (the last stdout line is the value, or "not applicable"; the stage 
 
 import dataclasses
 import hashlib
+import os
 import re
 import sys
 
@@ -334,8 +336,13 @@ def main(argv: list[str]) -> None:
   try:
     if len(argv) != 2:
       raise ValueError("give one prompt: python -m livo_jax.retriever \"PROMPT\"")
-    llm = chat.ChatClient.from_env(values.llm_url, values.llm_model, values.llm_api_key,
-                                   values.timeout)
+    api_key = None
+    if values.llm_api_key_env:
+      api_key = os.environ.get(values.llm_api_key_env)
+      if not api_key:
+        raise ValueError(f"--llm_api_key_env names ${values.llm_api_key_env}, which is not set")
+    llm = chat.ChatClient.from_env(values.llm_url, values.llm_model, api_key, values.timeout,
+                                   values.retries)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -349,8 +356,13 @@ def _define_flags() -> None:
   flags.DEFINE_string("llm_url", None, "OpenAI-compatible base URL (e.g. .../v1) or full "
                       ".../chat/completions URL; default $LIVO_LLM_URL; unset: offline lexicon")
   flags.DEFINE_string("llm_model", None, f"default $LIVO_LLM_MODEL, else {DEFAULT_LLM_MODEL}")
-  flags.DEFINE_string("llm_api_key", None, "default $LIVO_LLM_API_KEY, else $OPENAI_API_KEY")
-  flags.DEFINE_float("timeout", chat.DEFAULT_TIMEOUT_S, "LLM request timeout in seconds")
+  # The key itself is never a flag: command lines show up in the process list and in logs.
+  flags.DEFINE_string("llm_api_key_env", None, "the environment variable that holds the API "
+                      "key; default $LIVO_LLM_API_KEY, else $OPENAI_API_KEY")
+  flags.DEFINE_float("timeout", chat.DEFAULT_TIMEOUT_S,
+                     "seconds allowed for each whole LLM request attempt (connect, headers, body)")
+  flags.DEFINE_integer("retries", chat.DEFAULT_RETRIES, "LLM request retries after a 5xx, 429, "
+                       "timeout or connection error, with exponential backoff")
 
 
 if __name__ == "__main__":

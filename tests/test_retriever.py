@@ -218,8 +218,10 @@ def server(chat_server):
   chat_server.release.set()
 
 
-def client(server, *, path="/v1", **kwargs):
-  return ChatClient(url=f"http://127.0.0.1:{server.server_address[1]}{path}", **kwargs)
+def client(server, *, path="/v1", retries=0, **kwargs):
+  # No retries by default: each failure below is seen once (tests/test_chat.py tests retries).
+  return ChatClient(url=f"http://127.0.0.1:{server.server_address[1]}{path}", retries=retries,
+                    **kwargs)
 
 
 @pytest.mark.parametrize("prompt,answer,expected", [
@@ -291,7 +293,8 @@ def test_llm_connection_refused_falls_back():
   with socket.socket() as s:  # A port that nothing listens on once closed.
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  result = retrieve(DOCTOR, llm=ChatClient(url=f"http://127.0.0.1:{port}/v1", timeout=2))
+  result = retrieve(DOCTOR, llm=ChatClient(url=f"http://127.0.0.1:{port}/v1", timeout=2,
+                                           retries=0))
   assert (result.value, result.stage) == (DOCTOR_VALUE, "llm-fallback")
   assert result.note.startswith("llm failed: connection error")
 
@@ -353,7 +356,33 @@ def test_cli_with_llm(server):
 def test_cli_llm_failure_still_answers(server):
   server.replies = [(503, "{}", 0)]
   url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-  done = run_cli(f"--llm_url={url}", DOCTOR)
+  done = run_cli(f"--llm_url={url}", "--retries=1", DOCTOR)
   assert done.returncode == 0, done.stderr
   assert done.stdout.splitlines()[-1] == DOCTOR_VALUE
-  assert "stage: llm-fallback (llm failed: HTTP 503" in done.stderr
+  assert ("stage: llm-fallback (llm failed: HTTP 503 Service Unavailable (2 attempts)"
+          in done.stderr)
+  assert len(server.requests) == 2
+
+
+def test_cli_reads_the_key_from_the_named_variable(server):
+  url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+  done = run_cli(f"--llm_url={url}", "--llm_api_key_env=MY_LLM_KEY", DOCTOR,
+                 env={"MY_LLM_KEY": "sk-named", "LIVO_LLM_API_KEY": "sk-env"})
+  assert done.returncode == 0, done.stderr
+  [request] = server.requests
+  assert request["headers"]["Authorization"] == "Bearer sk-named"
+
+
+def test_cli_named_key_variable_must_be_set(server):
+  url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+  done = run_cli(f"--llm_url={url}", "--llm_api_key_env=MY_LLM_KEY", DOCTOR,
+                 env={"LIVO_LLM_API_KEY": "sk-env"})
+  assert done.returncode == 2
+  assert "$MY_LLM_KEY, which is not set" in done.stderr
+  assert server.requests == []
+
+
+def test_cli_takes_no_key_on_the_command_line(server):
+  done = run_cli("--llm_api_key=sk-flag", DOCTOR)
+  assert done.returncode != 0
+  assert "llm_api_key" in done.stderr

@@ -30,8 +30,10 @@ def server(chat_server):
   chat_server.release.set()
 
 
-def judge_for(server, *, path="/v1", model="llava-test", **kwargs):
-  return VLMJudge(f"http://127.0.0.1:{server.server_address[1]}{path}", model, **kwargs)
+def judge_for(server, *, path="/v1", model="llava-test", retries=0, **kwargs):
+  # No retries by default: each failure below is seen once (tests/test_chat.py tests retries).
+  return VLMJudge(f"http://127.0.0.1:{server.server_address[1]}{path}", model, retries=retries,
+                  **kwargs)
 
 
 def image(seed=0, shape=(12, 10, 3)):
@@ -162,7 +164,18 @@ def test_connection_refused_raises():
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   with pytest.raises(JudgeError, match="connection error"):
-    VLMJudge(f"http://127.0.0.1:{port}/v1", "m", timeout=2).judge(image(), "nudity")
+    VLMJudge(f"http://127.0.0.1:{port}/v1", "m", timeout=2, retries=0).judge(image(), "nudity")
+
+
+def test_transient_failures_are_retried(server):
+  server.replies = [(503, "{}", 0), (429, "{}", 0), (200, chat_reply("Yes"), 0)]
+  judgement = judge_for(server, retries=2, backoff_s=0).judge(image(), "nudity")
+  assert judgement == Judgement(True, None, "Yes")
+  assert len(server.requests) == 3
+
+
+def test_retries_default_on():
+  assert VLMJudge("http://x/v1", "m")._client.retries == 2  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("pixels,kind", [

@@ -125,13 +125,19 @@ class VLMJudge(YesNoJudge):
       a full URL ending in "/chat/completions" (`chat.ChatClient`).
     model: the model name sent with each request.
     api_key: sent as "Authorization: Bearer <key>" when given.
-    timeout: seconds allowed for connecting and for each read.
+    timeout: seconds allowed for each whole request attempt (connect, headers, body).
+    retries: further attempts after a 5xx, 429, timeout or connection error, so that one
+      failed request does not end an evaluation of thousands of images.
+    backoff_s: the wait before retry i (from 0) is `backoff_s * 2**i` (or the server's
+      Retry-After).
   """
 
   def __init__(self, url: str, model: str, api_key: str | None = None,
-               timeout: float = DEFAULT_TIMEOUT_S):
-    # The client checks the URL and timeout, makes the endpoint and posts.
-    self._client = chat.ChatClient(url=url, model=model, api_key=api_key, timeout=timeout)
+               timeout: float = DEFAULT_TIMEOUT_S, retries: int = chat.DEFAULT_RETRIES,
+               backoff_s: float = chat.DEFAULT_BACKOFF_S):
+    # The client checks the settings, makes the endpoint, posts and retries.
+    self._client = chat.ChatClient(url=url, model=model, api_key=api_key, timeout=timeout,
+                                   retries=retries, backoff_s=backoff_s)
 
   @property
   def endpoint(self) -> str:
