@@ -184,6 +184,29 @@ def test_a_bad_image_names_its_metadata_line(copy, tmp_path, how, message):
     data.prepare(copy, cache_root=str(tmp_path / "cache"), log=quiet)
 
 
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_a_file_name_outside_the_data_folder_is_refused(copy, tmp_path, how):
+  """Each leads to a good image outside, which the reader used to take."""
+  outside = str(tmp_path / "outside.png")   # copy is tmp_path/livo_data
+  Image.new("RGB", (24, 20), (40, 60, 200)).save(outside)
+  if how == "symlink":
+    os.symlink(outside, os.path.join(copy, "0-career/doctor/linked.png"))
+  file_name = {"dotdot": "../../../outside.png", "absolute": outside,
+               "symlink": "linked.png"}[how]
+  meta = _rewrite_line(copy, "0-career/doctor", 2, lambda l: dict(l, file_name=file_name))
+  reason = re.escape(f"{meta}:2: field 'file_name' ") + (
+      "must be relative to its scene folder" if how == "absolute"
+      else re.escape(f"{json.dumps(file_name)} leads outside the data folder"))
+  with pytest.raises(DataError, match=reason):
+    data.prepare(copy, cache_root=str(tmp_path / "cache"), log=quiet)
+  # skip_bad: the line is counted, left out and its reason kept.
+  source = data.PreferenceSource(data.prepare(copy, cache_root=str(tmp_path / "cache"),
+                                              skip_bad=True, log=quiet))
+  assert source.skipped == 1 and len(source.skip_reasons) == 1
+  assert re.match(reason, source.skip_reasons[0]), source.skip_reasons
+  assert source.num_records == 12
+
+
 def test_a_scene_without_violating_images_names_its_metadata(copy, tmp_path):
   number, _ = _line_of(copy, "1-goodness/kind", 0)
   meta = _rewrite_line(copy, "1-goodness/kind", number, lambda l: dict(l, label=1))

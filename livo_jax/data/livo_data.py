@@ -6,8 +6,9 @@
 
 A scene is a folder holding a `metadata.jsonl`; folders are walked in sorted order (hidden ones
 skipped). `scan` checks every line and really decodes every image; each problem names the
-metadata file and line. With `skip_bad`, bad lines are counted and left out instead, and so is a
-scene left with aligned but no violating images.
+metadata file and line. A `file_name` is a path relative to its scene folder that stays inside
+the data folder, symbolic links resolved. With `skip_bad`, bad lines are counted and left out
+instead, and so is a scene left with aligned but no violating images.
 """
 
 import concurrent.futures
@@ -126,6 +127,21 @@ def _parse_line(raw: bytes) -> dict:
   return obj
 
 
+def _check_inside(root: str, scene_dir: str, file_name: str) -> None:
+  """A metadata line names a file of the data folder (`root`, resolved), not any file at all.
+
+  Raises ValueError with the reason for an absolute file_name, or one that leads outside (with
+  `..`, or through a symbolic link).
+  """
+  if os.path.isabs(file_name):
+    raise ValueError(f"field 'file_name' must be relative to its scene folder, got "
+                     f"{json.dumps(file_name)}")
+  target = os.path.realpath(os.path.join(scene_dir, file_name))
+  if os.path.commonpath([root, target]) != root:
+    raise ValueError(f"field 'file_name' {json.dumps(file_name)} leads outside the data folder "
+                     f"(to {target})")
+
+
 def _check_image(path: str) -> str | None:
   """None if the image decodes fully, else why not."""
   if not os.path.isfile(path):
@@ -162,6 +178,7 @@ def scan(train_dir: str, *, skip_bad: bool = False, log: Callable[[str], None] =
   train_dir = os.path.abspath(train_dir)
   if not os.path.isdir(train_dir):
     raise DataError(f"{train_dir}: no such folder")
+  root = os.path.realpath(train_dir)
   problems = _Problems(skip_bad)
   parsed = []  # the lines that parse, as Records
   scenes = []
@@ -173,6 +190,7 @@ def scan(train_dir: str, *, skip_bad: bool = False, log: Callable[[str], None] =
     for where, raw in numbered_lines(meta):
       try:
         obj = _parse_line(raw)
+        _check_inside(root, os.path.join(train_dir, rel), obj["file_name"])
       except ValueError as e:
         problems.add(where, str(e))
         continue
