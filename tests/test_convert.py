@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -216,6 +217,21 @@ def test_mis_shaped_key_is_named(sd_folder, tmp_path):
     load_vae(folder)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weights_are_refused_at_load(sd_folder, tmp_path, bad):
+  """A value encoder that a diverged run wrote would only give black images."""
+  key = "encoder.layers.1.mlp.fc2.weight"
+  def poison(tensors):
+    tensors[key] = tensors[key].copy()
+    tensors[key][3, :5] = bad
+  folder = edited_copy(os.path.join(sd_folder, "text_encoder"), str(tmp_path / "t"),
+                       edit_tensors=poison)
+  path = os.path.join(folder, "model.safetensors")
+  with pytest.raises(WeightsError, match=re.escape(
+      f"{path}: non-finite weights in {key} (5 of 1,536 values are NaN or inf)")):
+    load_clip_text(folder)
+
+
 def test_unreadable_weights_file_is_named(sd_folder, tmp_path):
   folder = edited_copy(os.path.join(sd_folder, "text_encoder"), str(tmp_path / "t"))
   with open(os.path.join(folder, "model.safetensors"), "wb") as f:
@@ -339,3 +355,24 @@ def test_models_built_in_jax_save_as_torch_folders(tmp_path):
     ref = torch_vae.encode(torch.from_numpy(testutil.nhwc_to_nchw(images))).latent_dist.mean
   mean, _ = testutil.jitted(vae, "encode")(jnp.asarray(images))
   assert testutil.max_abs_err(mean, testutil.nchw_to_nhwc(ref)) <= 1e-4
+
+
+def test_tool_inspect_fails_on_what_loading_would_refuse(sd_folder, tmp_path):
+  """The listing still prints; then one line per component that would not load, exit 1."""
+  folder = str(tmp_path / "sd")
+  shutil.copytree(sd_folder, folder, ignore=shutil.ignore_patterns("unet", "vae"))
+  edited_copy(os.path.join(sd_folder, "unet"), os.path.join(folder, "unet"),
+              edit_tensors=lambda t: t.pop("conv_in.bias"))
+  def widen(tensors):
+    tensors["decoder.conv_out.weight"] = np.zeros((3, 16, 3, 5), np.float32)
+  edited_copy(os.path.join(sd_folder, "vae"), os.path.join(folder, "vae"), edit_tensors=widen)
+  result = run_tool("inspect", folder)
+  assert result.returncode == 1, result.stderr
+  assert "encoder.conv_in.weight" in result.stdout and "total:" in result.stdout
+  unet_file = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+  vae_file = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
+  assert result.stderr.splitlines() == [
+      f"convert_weights inspect: error: {unet_file}: weights do not match the model missing "
+      "keys (1): conv_in.bias",
+      f"convert_weights inspect: error: {vae_file}: weights do not match the model mis-shaped "
+      "keys (1): decoder.conv_out.weight: file (3, 16, 3, 5), model expects (3, 16, 3, 3)"]

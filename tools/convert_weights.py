@@ -19,8 +19,9 @@ from livo_jax.weights import conversion
 from livo_jax.errors import ConfigError, WeightsError
 
 
-def inspect(path: str) -> None:
-  total = 0
+def inspect(path: str) -> list[str]:
+  """Prints the listing; returns the one-line problems that loading the weights would raise."""
+  total, problems = 0, []
   for component, info in conversion.describe_folder(path).items():
     tensors = info["tensors"]
     count = sum(_size(shape) for shape, _ in tensors.values())
@@ -30,7 +31,10 @@ def inspect(path: str) -> None:
     width = max(map(len, tensors), default=0)
     for key, (shape, dtype) in tensors.items():
       print(f"  {key:<{width}}  {dtype:<9} {shape}")
+    if info["problem"]:
+      problems.append(info["problem"])
   print(f"total: {total:,} parameters")
+  return problems
 
 
 def _size(shape) -> int:
@@ -60,7 +64,10 @@ def main(argv):
   signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `inspect ... | head` ends quietly
   try:
     if command == "inspect":
-      inspect(*paths)
+      problems = inspect(*paths)
+      if problems:
+        sys.stdout.flush()   # the listing first, then why it would not load
+        sys.exit("\n".join(f"convert_weights inspect: error: {p}" for p in problems))
     else:
       convert_folder = (conversion.import_folder if command == "import"
                         else conversion.export_folder)

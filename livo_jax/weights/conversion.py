@@ -78,7 +78,11 @@ def _convert_entry(src: str, dst: str, name: str, convert_component) -> str:
 
 
 def describe_folder(folder: str) -> dict[str, dict[str, Any]]:
-  """Keys, shapes and dtypes per component: {component: {"kind", "format", "tensors"}}."""
+  """Keys, shapes and dtypes per component: {component: {"kind", "format", "tensors", "problem"}}.
+
+  "problem" is the one-line error that loading the component would raise (a missing,
+  unexpected, mis-shaped or non-finite tensor), or None.
+  """
   if is_pipeline_folder(folder):
     return {name: _describe_component(os.path.join(folder, name))
             for name in PIPELINE_COMPONENTS if os.path.isdir(os.path.join(folder, name))}
@@ -87,9 +91,12 @@ def describe_folder(folder: str) -> dict[str, dict[str, Any]]:
 
 def _describe_component(folder: str) -> dict[str, Any]:
   kind = folders.kind_of_folder(folder)
-  if tensor_files.is_flax_checkpoint(folder):
-    fmt, tensors = "flax", tensor_files.read_flax_params(folder)
-  else:
-    fmt, tensors = "torch", tensor_files.read_all(folders.weights_files(folder, kind))
-  return {"kind": kind.name, "format": fmt,
-          "tensors": {k: (tuple(v.shape), str(v.dtype)) for k, v in sorted(tensors.items())}}
+  weights = folders.read_weights(folder, kind)
+  try:
+    folders.check_weights(folder, kind, weights)
+    problem = None
+  except WeightsError as e:
+    problem = " ".join(str(e).split())
+  tensors = {k: (tuple(v.shape), str(v.dtype)) for k, v in sorted(weights.tensors.items())}
+  return {"kind": kind.name, "format": "flax" if weights.is_flax else "torch",
+          "tensors": tensors, "problem": problem}

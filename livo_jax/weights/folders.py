@@ -8,10 +8,12 @@ config first, each atomically (`livo_jax.files.atomic_folder`), so that
 `.from_pretrained` load them with no missing and no unexpected keys.
 """
 
+import dataclasses
 import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from livo_jax import files
@@ -52,19 +54,46 @@ def load_model(folder: str, kind: ModelKind | None = None, *, dtype=jnp.float32,
     **model_kwargs: passed to the model constructor (`remat`, `attention_impl`).
   """
   kind = kind or kind_of_folder(folder)
-  config = kind.config_from_dict(read_config(folder), source=os.path.join(folder, CONFIG_NAME))
-  model = nnx.eval_shape(lambda: kind.model_class(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                                  **model_kwargs))
-  if tensor_files.is_flax_checkpoint(folder):
-    layout.fill_from_checkpoint(model, tensor_files.read_flax_params(folder),
-                                os.path.join(folder, tensor_files.FLAX_PARAMS_DIR),
-                                dtype=param_dtype)
+  model = _abstract_model(folder, kind, dtype=dtype, **model_kwargs)
+  weights = read_weights(folder, kind, variant)
+  if weights.is_flax:
+    layout.fill_from_checkpoint(model, weights.tensors, weights.source, dtype=param_dtype)
   else:
-    paths = weights_files(folder, kind, variant)
-    source = paths[0] if len(paths) == 1 else folder
-    layout.fill_from_torch(model, kind.normalise_keys(tensor_files.read_all(paths)), source,
+    layout.fill_from_torch(model, kind.normalise_keys(weights.tensors), weights.source,
                            dtype=param_dtype)
   return model
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+  """A component folder's tensors as stored, and what names them in messages."""
+  tensors: dict[str, np.ndarray]
+  source: str     # the weights file, or the folder of shards or of a Flax checkpoint
+  is_flax: bool   # keyed by Flax paths (`save_flax`), not torch keys
+
+
+def read_weights(folder: str, kind: ModelKind, variant: str | None = None) -> Weights:
+  if tensor_files.is_flax_checkpoint(folder):
+    return Weights(tensor_files.read_flax_params(folder),
+                   os.path.join(folder, tensor_files.FLAX_PARAMS_DIR), is_flax=True)
+  paths = weights_files(folder, kind, variant)
+  return Weights(tensor_files.read_all(paths), paths[0] if len(paths) == 1 else folder,
+                 is_flax=False)
+
+
+def check_weights(folder: str, kind: ModelKind, weights: Weights) -> None:
+  """Raises the `WeightsError` that loading `weights` into the folder's model would."""
+  model = _abstract_model(folder, kind)
+  if weights.is_flax:
+    layout.check_checkpoint(model, weights.tensors, weights.source)
+  else:
+    layout.check_torch(model, kind.normalise_keys(weights.tensors), weights.source)
+
+
+def _abstract_model(folder: str, kind: ModelKind, **model_kwargs) -> nnx.Module:
+  """The folder's model with shapes but no values (nothing allocated) yet."""
+  config = kind.config_from_dict(read_config(folder), source=os.path.join(folder, CONFIG_NAME))
+  return nnx.eval_shape(lambda: kind.model_class(config, rngs=nnx.Rngs(0), **model_kwargs))
 
 
 def load_clip_text(folder: str, dtype=jnp.float32, **kwargs) -> CLIPTextModel:

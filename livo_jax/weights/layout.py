@@ -12,8 +12,8 @@ one rule maps every parameter:
                                                               e.g. CLIP's `class_embedding`)
 
 Transposes are exact and dtypes are kept as stored, so conversions are bit-exact both ways.
-Filling is all or nothing: a missing, unexpected or mis-shaped key is a `WeightsError` naming it,
-never a silently random parameter.
+Filling is all or nothing: a missing, unexpected or mis-shaped key, or one holding NaN/inf, is a
+`WeightsError` naming it, never a silently random parameter nor, later, a black image.
 """
 
 from typing import Callable, Mapping
@@ -56,9 +56,15 @@ def _torch_shape(path: tuple, shape: tuple) -> tuple:
   return to_torch_layout(path, np.empty(shape, np.uint8)).shape
 
 
-def _fill(model: nnx.Module, tensors: Mapping[str, np.ndarray], source: str, *,
-          key_fn: Callable, to_model: Callable, file_shape: Callable, dtype=None) -> None:
-  """Sets every parameter of `model` (possibly abstract) from `tensors`, all or nothing."""
+# How a file names and lays out each parameter: torch state dicts, and our Flax checkpoints.
+_TORCH = dict(key_fn=torch_key, to_model=to_flax_layout, file_shape=_torch_shape)
+_CHECKPOINT = dict(key_fn=flax_key, to_model=lambda path, value: value,
+                   file_shape=lambda path, shape: shape)
+
+
+def _check(model: nnx.Module, tensors: Mapping[str, np.ndarray], source: str, *,
+           key_fn: Callable, to_model: Callable, file_shape: Callable) -> dict:
+  """{key: (path, var)} of `model`'s parameters, once `tensors` match them all and are finite."""
   params = nnx.to_flat_state(nnx.state(model, nnx.Param))
   expected = {key_fn(path): (path, var) for path, var in params}
   missing = sorted(set(expected) - set(tensors))
@@ -70,26 +76,52 @@ def _fill(model: nnx.Module, tensors: Mapping[str, np.ndarray], source: str, *,
       if key in tensors and to_model(path, tensors[key]).shape != tuple(var.shape)]
   if missing or unexpected or mis_shaped:
     raise WeightsError(mismatch_message(source, missing, unexpected, mis_shaped))
-  for key, (path, var) in expected.items():
-    var.set_value(jnp.asarray(to_model(path, np.asarray(tensors[key])), dtype=dtype))
+  for key in expected:
+    _require_finite(tensors[key], key, source)
+  return expected
+
+
+def _require_finite(value: np.ndarray, key: str, source: str) -> None:
+  """A NaN or inf weight (what a diverged training run writes) would only make black images."""
+  value = np.asarray(value)
+  if jnp.issubdtype(value.dtype, jnp.floating) and not np.isfinite(value).all():
+    bad = np.count_nonzero(~np.isfinite(value))
+    raise WeightsError(f"{source}: non-finite weights in {key} ({bad:,} of {value.size:,} "
+                       "values are NaN or inf)")
+
+
+def _fill(model: nnx.Module, tensors: Mapping[str, np.ndarray], source: str, rule: dict,
+          dtype=None) -> None:
+  """Sets every parameter of `model` (possibly abstract) from `tensors`, all or nothing."""
+  for key, (path, var) in _check(model, tensors, source, **rule).items():
+    var.set_value(jnp.asarray(rule["to_model"](path, np.asarray(tensors[key])), dtype=dtype))
+
+
+def check_torch(model: nnx.Module, tensors: Mapping[str, np.ndarray], source: str) -> None:
+  """Raises the `WeightsError` that `fill_from_torch` would, and changes nothing."""
+  _check(model, tensors, source, **_TORCH)
+
+
+def check_checkpoint(model: nnx.Module, tensors: Mapping[str, np.ndarray], source: str) -> None:
+  """Raises the `WeightsError` that `fill_from_checkpoint` would, and changes nothing."""
+  _check(model, tensors, source, **_CHECKPOINT)
 
 
 def fill_from_torch(model: nnx.Module, tensors: Mapping[str, np.ndarray], source: str,
                     dtype=None) -> None:
   """Sets every parameter of `model` from a torch-layout state dict.
 
-  Raises `WeightsError` naming the missing, unexpected and mis-shaped keys; nothing is changed
-  unless all keys match. `dtype` casts the parameters (None keeps the stored dtypes).
+  Raises `WeightsError` naming the missing, unexpected and mis-shaped keys, or a key holding
+  NaN/inf; nothing is changed unless all keys pass. `dtype` casts the parameters (None keeps
+  the stored dtypes).
   """
-  _fill(model, tensors, source, key_fn=torch_key, to_model=to_flax_layout,
-        file_shape=_torch_shape, dtype=dtype)
+  _fill(model, tensors, source, _TORCH, dtype)
 
 
 def fill_from_checkpoint(model: nnx.Module, tensors: Mapping[str, np.ndarray], source: str,
                          dtype=None) -> None:
   """As `fill_from_torch`, for a Flax checkpoint keyed by `flax_key` paths."""
-  _fill(model, tensors, source, key_fn=flax_key, to_model=lambda path, value: value,
-        file_shape=lambda path, shape: shape, dtype=dtype)
+  _fill(model, tensors, source, _CHECKPOINT, dtype)
 
 
 def torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
