@@ -1,11 +1,13 @@
 """Folder conversion: bit-exact round trips, torch reloads, Flax checkpoints, clear errors."""
 
+import asyncio
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 
 import diffusers
 import jax.numpy as jnp
@@ -376,3 +378,45 @@ def test_tool_inspect_fails_on_what_loading_would_refuse(sd_folder, tmp_path):
       "keys (1): conv_in.bias",
       f"convert_weights inspect: error: {vae_file}: weights do not match the model mis-shaped "
       "keys (1): decoder.conv_out.weight: file (3, 16, 3, 5), model expects (3, 16, 3, 3)"]
+
+
+def truncated_checkpoint(flax_component, dst):
+  """A copy of a Flax checkpoint with its largest data file cut to half."""
+  shutil.copytree(flax_component, dst)
+  data = [os.path.join(folder, name) for folder, _, names in os.walk(dst) for name in names
+          if os.path.basename(folder) == "d"]
+  largest = max(data, key=os.path.getsize)
+  os.truncate(largest, os.path.getsize(largest) // 2)
+  return dst
+
+
+def test_tool_truncated_checkpoint_is_one_line(round_trip, tmp_path):
+  """orbax's restore left reads in flight: each printed an "Event loop is closed" traceback."""
+  folder = truncated_checkpoint(os.path.join(round_trip[0], "vae"), str(tmp_path / "vae"))
+  result = run_tool("export", folder, str(tmp_path / "out"))
+  assert result.returncode == 1
+  lines = result.stderr.splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith(f"convert_weights export: error: {folder}/flax_params: "
+                             "unreadable Flax checkpoint (ValueError: OUT_OF_RANGE: Error "
+                             "reading \""), lines[0]
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_truncated_checkpoint_fails_to_load_without_noise(round_trip, tmp_path, monkeypatch):
+  folder = truncated_checkpoint(os.path.join(round_trip[0], "vae"), str(tmp_path / "vae"))
+  dropped = []   # what threads raise where Python cannot report it (the tracebacks of old)
+  monkeypatch.setattr(sys, "unraisablehook", dropped.append)
+  for _ in range(5):   # reads left in flight or not is a race: give it a few chances
+    with pytest.raises(WeightsError, match="unreadable Flax checkpoint"):
+      load_vae(folder)
+  time.sleep(0.5)   # such reads would have completed by now
+  assert not dropped, [str(d.exc_value) for d in dropped]
+
+
+def test_flax_checkpoint_loads_inside_a_running_event_loop(sd_folder, round_trip):
+  """As in a notebook (the reader runs its own loop, in a thread)."""
+  async def load():
+    return load_vae(os.path.join(round_trip[0], "vae"))
+  assert_bit_exact(weights.layout.flax_state_dict(load_vae(os.path.join(sd_folder, "vae"))),
+                   weights.layout.flax_state_dict(asyncio.run(load())))

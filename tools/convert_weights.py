@@ -14,6 +14,8 @@ import signal
 import sys
 
 from absl import app
+from absl import flags
+from absl import logging
 
 from livo_jax.weights import conversion
 from livo_jax.errors import ConfigError, WeightsError
@@ -61,6 +63,8 @@ def main(argv):
   command, paths = args[0], args[1:]
   if len(paths) != _ARITY[command]:
     _usage_error(f"{command} takes {_ARITY[command]} path(s), got {len(paths)}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)   # orbax's INFO lines would bury the error line
   signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `inspect ... | head` ends quietly
   try:
     if command == "inspect":

@@ -5,6 +5,8 @@ No torch is needed except for `.bin`/`.pth` files; safetensors are read with
 parameters in `flax_params/`, an orbax tree keyed by Flax parameter path.
 """
 
+import asyncio
+import concurrent.futures
 import json
 import os
 from typing import Any, Mapping
@@ -14,6 +16,7 @@ import numpy as np
 from livo_jax.errors import WeightsError
 
 FLAX_PARAMS_DIR = "flax_params"
+_ORBAX_TREE = "_METADATA"   # orbax's list of the leaves a checkpoint holds
 _TORCH_PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
 
 
@@ -87,17 +90,62 @@ def is_flax_checkpoint(folder: str) -> bool:
 
 
 def read_flax_params(folder: str) -> dict[str, np.ndarray]:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  """A Flax checkpoint's parameters, keyed by Flax path.
+
+  Read with tensorstore from orbax's tree file, not with orbax's `restore` or `metadata`: when
+  one read fails (a truncated file) they close their event loop with the other reads still in
+  flight, and each of those then prints an "Event loop is closed" traceback. Here every read
+  settles first.
+  """
   path = os.path.abspath(os.path.join(folder, FLAX_PARAMS_DIR))
   try:
-    nested = ocp.StandardCheckpointer().restore(path)
-  except Exception as e:  # orbax/tensorstore errors
-    raise WeightsError(f"{path}: unreadable Flax checkpoint: {e}") from None
-  return dict(_flatten(nested))
+    with open(os.path.join(path, _ORBAX_TREE), encoding="utf-8") as f:
+      tree = json.load(f)
+    keys = [tuple(k["key"] for k in leaf["key_metadata"])
+            for leaf in tree["tree_metadata"].values()]
+    arrays = _finish_in_thread(asyncio.run, _read_arrays(
+        path, [".".join(key) for key in keys], tree.get("use_zarr3", False)))
+  except Exception as e:  # file, JSON, orbax and tensorstore errors
+    raise WeightsError(f"{path}: unreadable Flax checkpoint ({type(e).__name__}: {e})") from None
+  return {"/".join(key): array for key, array in zip(keys, arrays)}
+
+
+async def _read_arrays(path: str, names: list[str], use_zarr3: bool) -> list[np.ndarray]:
+  """orbax's arrays `names` (dotted Flax paths); the first failure once all reads settled."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  handlers = ocp.type_handlers
+  ocdbt = handlers.is_ocdbt_checkpoint(epath.Path(path))
+  context = handlers.get_ts_context(use_ocdbt=ocdbt)
+
+  async def read(name):
+    info = handlers.ParamInfo(name=name, parent_dir=epath.Path(path), is_ocdbt_checkpoint=ocdbt,
+                              use_zarr3=use_zarr3, ts_context=context)
+    store = await ts.open(handlers.get_json_tspec_read(info, use_ocdbt=ocdbt), open=True,
+                          context=context)
+    return await store.read()
+
+  arrays = await asyncio.gather(*map(read, names), return_exceptions=True)
+  for array in arrays:
+    if isinstance(array, BaseException):
+      raise array
+  return arrays
+
+
+def _finish_in_thread(fn, *args):
+  """fn(*args) in a thread of its own, waited for to the end even when interrupted.
+
+  Ctrl-C or SIGTERM reach the main thread, which then waits here until every orbax and
+  tensorstore operation has settled: none is left in flight to print an "Event loop is closed"
+  traceback, or to write into a partial folder that the interrupt is removing. (In a thread,
+  `asyncio.run` also works where the caller already runs a loop, as in a notebook.)
+  """
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(fn, *args).result()
 
 
 def write_flax_params(tensors: Mapping[str, np.ndarray], folder: str) -> None:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   nested: dict[str, Any] = {}
   for key, value in tensors.items():
     *parents, leaf = key.split("/")
@@ -105,15 +153,12 @@ def write_flax_params(tensors: Mapping[str, np.ndarray], folder: str) -> None:
     for name in parents:
       node = node.setdefault(name, {})
     node[leaf] = value
+  _finish_in_thread(_save_checkpoint, os.path.abspath(os.path.join(folder, FLAX_PARAMS_DIR)),
+                    nested)
+
+
+def _save_checkpoint(path: str, nested: dict[str, Any]) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(os.path.join(folder, FLAX_PARAMS_DIR)), nested)
+  checkpointer.save(path, nested)
   checkpointer.wait_until_finished()
-
-
-def _flatten(nested, prefix=""):
-  for name, value in nested.items():
-    key = f"{prefix}/{name}" if prefix else str(name)
-    if isinstance(value, Mapping):
-      yield from _flatten(value, key)
-    else:
-      yield key, np.asarray(value)
