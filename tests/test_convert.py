@@ -1,10 +1,13 @@
 """Folder conversion: bit-exact round trips, torch reloads, Flax checkpoints, clear errors."""
 
 import asyncio
+import gc
 import json
 import os
 import re
+import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -420,3 +423,97 @@ def test_flax_checkpoint_loads_inside_a_running_event_loop(sd_folder, round_trip
     return load_vae(os.path.join(round_trip[0], "vae"))
   assert_bit_exact(weights.layout.flax_state_dict(load_vae(os.path.join(sd_folder, "vae"))),
                    weights.layout.flax_state_dict(asyncio.run(load())))
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupted and killed conversions: nothing half-written stays behind.
+
+def start_tool(*args):
+  """The tool in the background, taking Ctrl-C as in a terminal.
+
+  Under a shell's `&` pytest ignores SIGINT, and so would the tool; exec resets a handler, not
+  an ignore, so one is set while the tool starts.
+  """
+  ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    return subprocess.Popen([sys.executable, TOOL, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+  finally:
+    signal.signal(signal.SIGINT, ignored)
+
+
+def wait_for_partial(process, parent, timeout=120):
+  """Waits until the conversion's partial folder appears beside its destination."""
+  deadline = time.monotonic() + timeout
+  while not any(".tmp-" in name for name in os.listdir(parent)):
+    assert process.poll() is None, process.communicate()
+    assert time.monotonic() < deadline, "no partial folder appeared"
+    time.sleep(0.02)
+
+
+@pytest.mark.parametrize("command,signum", [("import", signal.SIGTERM),
+                                            ("export", signal.SIGINT)])
+def test_tool_interrupted_removes_its_partial_folder(sd_folder, round_trip, tmp_path, command,
+                                                     signum):
+  src = sd_folder if command == "import" else round_trip[0]
+  parent = tmp_path / "out"
+  parent.mkdir()
+  process = start_tool(command, src, str(parent / "dst"))
+  wait_for_partial(process, parent)
+  process.send_signal(signum)
+  stdout, stderr = process.communicate(timeout=120)
+  assert process.returncode == 128 + signum, stderr
+  assert stderr.splitlines() == [f"convert_weights {command}: interrupted"]
+  assert stdout == ""
+  assert os.listdir(parent) == []
+
+
+def test_tool_interrupt_dropped_in_a_gc_callback_comes_again(monkeypatch):
+  """JAX's gc callback runs at every collection: a SIGTERM that Python raised there was lost."""
+  tool = runpy.run_path(TOOL)   # its functions, not its main
+  monkeypatch.setattr(sys, "unraisablehook", tool["_deliver_dropped_interrupts"])
+  previous = signal.signal(signal.SIGTERM, tool["_interrupt"])
+  raised = []
+
+  def signal_in_gc(phase, info):
+    del info
+    if phase == "start" and not raised:
+      raised.append(True)
+      signal.raise_signal(signal.SIGTERM)   # its KeyboardInterrupt is dropped here
+
+  gc.callbacks.append(signal_in_gc)
+  try:
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+      gc.collect()
+      time.sleep(5)   # the signal comes again meanwhile
+  finally:
+    gc.callbacks.remove(signal_in_gc)
+    signal.signal(signal.SIGTERM, previous)
+  assert raised and interrupt.value.args == (signal.SIGTERM,)
+
+
+def test_next_conversion_removes_what_a_killed_one_left(sd_folder, tmp_path):
+  parent = tmp_path / "out"
+  parent.mkdir()
+  process = start_tool("import", sd_folder, str(parent / "dst"))
+  wait_for_partial(process, parent)
+  process.kill()   # kill -9: nothing runs on the way out
+  process.communicate()
+  killed = os.listdir(parent)
+  assert len(killed) == 1 and killed[0].startswith(f".dst.tmp-{process.pid}-"), killed
+  # A single-component import's partial: save_flax's own, beside the empty one it takes over,
+  # holding orbax's temporary.
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  nested = parent / f"..dst.tmp-{dead.pid}-0123abcd.tmp-{dead.pid}-4567cdef"
+  (nested / "flax_params.orbax-checkpoint-tmp").mkdir(parents=True)
+  (nested / "flax_params.orbax-checkpoint-tmp" / "part").write_bytes(b"\0" * 1000)
+  live = parent / f".dst.tmp-{os.getpid()}-89abcdef"   # a conversion still running: kept
+  live.mkdir()
+
+  messages = []
+  weights.conversion.import_folder(os.path.join(sd_folder, "vae"), str(parent / "dst"),
+                                   log=messages.append)
+  assert messages == [f"removed 2 leftover(s) of killed writes from {parent}: "
+                      + ", ".join(sorted(killed + [nested.name]))]
+  assert sorted(os.listdir(parent)) == sorted(["dst", live.name])

@@ -8,10 +8,17 @@ SRC may be one component folder (`unet/`, `vae/`, `text_encoder/`) or a whole di
 (with `model_index.json`); other entries of an SD folder (tokenizer, scheduler, ...) are copied
 along. `import` then `export` reproduces every tensor bit for bit. The Flax folder `import` writes
 is read by this project only (`livo_jax.weights`); `export` makes it a PyTorch folder again.
+
+An error is one line on stderr and exit status 1; `inspect` exits 1 too, after its listing, when
+a tensor is missing, unexpected, mis-shaped or not finite (what would stop a load). Ctrl-C or
+SIGTERM removes the partial destination, prints "interrupted" and exits 130 or 143; the next
+`import` or `export` into the same folder removes what a `kill -9` left there, and says so.
 """
 
+import os
 import signal
 import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -66,6 +73,8 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)   # orbax's INFO lines would bury the error line
   signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `inspect ... | head` ends quietly
+  signal.signal(signal.SIGTERM, _interrupt)
+  sys.unraisablehook = _deliver_dropped_interrupts
   try:
     if command == "inspect":
       problems = inspect(*paths)
@@ -80,6 +89,31 @@ def main(argv):
   except (ConfigError, WeightsError, FileNotFoundError, FileExistsError) as e:
     message = " ".join(str(e).split())  # one line, however long the key lists
     sys.exit(f"convert_weights {command}: error: {message}")
+  except KeyboardInterrupt as e:   # the partial destination is gone by now (atomic_folder)
+    print(f"convert_weights {command}: interrupted", file=sys.stderr)
+    sys.exit(128 + _signal_of(e))   # the shell's status for a process the signal ended
+
+
+def _interrupt(signum, frame) -> None:
+  """SIGTERM unwinds like Ctrl-C, so that the partial destination is removed on the way out."""
+  del frame
+  raise KeyboardInterrupt(signum)
+
+
+def _signal_of(interrupt: KeyboardInterrupt) -> int:
+  return signal.SIGTERM if interrupt.args == (signal.SIGTERM,) else signal.SIGINT
+
+
+def _deliver_dropped_interrupts(unraisable) -> None:
+  """Signals again an interrupt that Python dropped, having raised it in a gc callback.
+
+  (JAX's runs at every collection, so that is where a signal often lands.) A moment later, the
+  signal finds the main thread back in ordinary code.
+  """
+  if isinstance(unraisable.exc_value, KeyboardInterrupt):
+    threading.Timer(0.1, os.kill, (os.getpid(), _signal_of(unraisable.exc_value))).start()
+  else:
+    sys.__unraisablehook__(unraisable)
 
 
 if __name__ == "__main__":

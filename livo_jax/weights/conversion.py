@@ -7,12 +7,14 @@
 A folder is one component (`unet/`, `vae/`, `text_encoder/`) or a whole diffusers SD folder
 (`model_index.json`); other entries of an SD folder (tokenizer, scheduler, ...) are copied along.
 `import` then `export` reproduces every tensor bit for bit. The destination is written beside
-itself and renamed when complete: a failed conversion leaves nothing half-written.
+itself and renamed when complete: a failed or interrupted conversion leaves nothing
+half-written, and what a killed one left there (`files.remove_leftovers`) is removed, and
+logged, by the next conversion into the same folder.
 """
 
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 from livo_jax import files
 from livo_jax.errors import WeightsError
@@ -26,14 +28,14 @@ def is_pipeline_folder(folder: str) -> bool:
   return os.path.isfile(os.path.join(folder, "model_index.json"))
 
 
-def import_folder(src: str, dst: str) -> list[str]:
+def import_folder(src: str, dst: str, log: Callable[[str], None] = print) -> list[str]:
   """Torch folder (component or whole SD) -> Flax checkpoint folder. Returns what it wrote."""
-  return _convert_folder(src, dst, _import_component)
+  return _convert_folder(src, dst, _import_component, log)
 
 
-def export_folder(src: str, dst: str) -> list[str]:
+def export_folder(src: str, dst: str, log: Callable[[str], None] = print) -> list[str]:
   """Flax checkpoint folder (component or whole SD) -> torch folder. Returns what it wrote."""
-  return _convert_folder(src, dst, _export_component)
+  return _convert_folder(src, dst, _export_component, log)
 
 
 def _import_component(src: str, dst: str) -> str:
@@ -53,10 +55,15 @@ def _export_component(src: str, dst: str) -> str:
   return f"{dst} ({kind.name}, torch layout)"
 
 
-def _convert_folder(src: str, dst: str, convert_component) -> list[str]:
+def _convert_folder(src: str, dst: str, convert_component, log) -> list[str]:
   if not os.path.isdir(src):
     raise FileNotFoundError(f"{src}: no such folder")
   dst = os.path.abspath(dst)
+  # A killed conversion leaves its partial folder (gigabytes for SD) beside the destination.
+  removed = files.remove_leftovers(os.path.dirname(dst))
+  if removed:
+    log(f"removed {len(removed)} leftover(s) of killed writes from {os.path.dirname(dst)}: "
+        + ", ".join(removed))
   with files.atomic_folder(dst) as partial:
     if is_pipeline_folder(src):
       written = [_convert_entry(src, partial, name, convert_component)
