@@ -21,6 +21,7 @@ LAYERS = {
     "sampling": 5, "retriever": 5,
     "train": 6, "eval": 6, "dataset_builder": 6,
     "demo": 7,
+    "cli": 8,
 }
 
 

@@ -1,0 +1,85 @@
+"""What the command lines of scripts/ share: checks at the door, one-line errors, Ctrl-C.
+
+  _MODEL = flags.DEFINE_string("model", None, "SD folder", required=True)
+  _GUIDANCE = flags.DEFINE_float("guidance", 7.5, "guidance scale", lower_bound=0)
+  cli.must_exist(_MODEL, "folder")
+  cli.must_be_finite(_GUIDANCE)
+  ...
+  cli.run(main)                     # instead of app.run(main)
+
+A user should see what to fix, not a traceback. So a bad flag (absl's checks and the
+validators registered here run before `main`, so before any model loads), a positional
+argument, a user error raised inside `main` (`USER_ERRORS`: a bad setting, file, folder or
+dataset, an output that is there already, an endpoint that does not answer) each end the command
+with one line on stderr, "error: <message>", and exit status 1. Ctrl-C ends it with
+"interrupted" and status 130 (the shell's 128 + SIGINT); the package writes every file
+atomically, so what is on disk then is whole. Any other exception is a bug and keeps its
+traceback. Logging shows warnings and errors only, unless --verbosity says otherwise.
+"""
+
+import math
+import os
+import sys
+from typing import Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from livo_jax import chat
+
+# ConfigError, DataError and WeightsError are ValueErrors; FileNotFoundError, FileExistsError
+# and PermissionError are OSErrors.
+USER_ERRORS = (ValueError, OSError, chat.ChatError)
+EXIT_INTERRUPTED = 130
+
+
+def must_exist(flag: flags.FlagHolder, kind: str = "folder") -> None:
+  """Refuses a path flag whose folder (or file) is not there; an unset or empty flag passes."""
+  exists = os.path.isdir if kind == "folder" else os.path.isfile
+  flags.register_validator(flag.name, lambda path: not path or exists(path),
+                           message=f"no such {kind}")
+
+
+def must_be_finite(flag: flags.FlagHolder) -> None:
+  """Refuses nan and inf, which absl's bounds let through."""
+  flags.register_validator(flag.name, lambda x: x is None or math.isfinite(x),
+                           message="must be a finite number")
+
+
+def run(main: Callable[[list[str]], None], *, user_errors: tuple[type, ...] = ()) -> None:
+  """`app.run(main)` with one-line errors and Ctrl-C handling (module docstring).
+
+  Args:
+    main: the command, called with argv (the program name only: arguments are refused).
+    user_errors: exception types of the command's own to report in one line as well.
+  """
+  errors = USER_ERRORS + tuple(user_errors)
+
+  def guarded(argv):
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)   # JAX's INFO lines would bury the error line
+    try:
+      if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
+      main(argv)
+    except KeyboardInterrupt:
+      print("interrupted", file=sys.stderr)
+      sys.exit(EXIT_INTERRUPTED)
+    except errors as e:
+      sys.exit(f"error: {one_line(e)}")
+
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+def one_line(error: BaseException) -> str:
+  """An exception's message on one line (its type when it has none)."""
+  return " ".join(str(error).splitlines()) or type(error).__name__
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a flag error as one line instead of absl's two."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {one_line(e)}")
