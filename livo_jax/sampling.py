@@ -11,10 +11,14 @@ changing them never recompiles; a new batch size, image size, step count or sche
 
 Noise is drawn per image from `fold_in(PRNGKey(seed), index)`, so image `index` of a seed is the
 same whatever the batch it is generated in.
+
+Errors name the flag of scripts/generate.py that sets the argument at fault (`--height`, `--out`,
+...), since the command lines report them as they are.
 """
 
 import functools
 import os
+import re
 from typing import Sequence
 
 import jax
@@ -29,12 +33,21 @@ from livo_jax import images as image_lib
 from livo_jax import schedulers
 from livo_jax.weights import StableDiffusion
 
+# The files `write_images` writes: `00000.png`, `00000.json`, ...
+_IMAGE_FILE = re.compile(r"\d{5,}\.(png|json)")
+
+
+class NonFiniteImages(ValueError):
+  """The sampler made NaN or infinite pixels (black ones after the uint8 conversion): a model
+  holds non-finite weights, or the inputs are extreme."""
+
 
 def generate(sd: StableDiffusion, prompts: Sequence[str], values: Sequence[str | None] = None,
              *, negative_prompts: Sequence[str] | None = None, steps: int = 25,
              guidance: float = 7.5, scheduler: str = "dpm", seed: int = 0,
              height: int | None = None, width: int | None = None, latents=None,
-             debias: bool = False, first_index: int = 0) -> np.ndarray:
+             debias: bool = False, first_index: int = 0,
+             check_finite: bool = False) -> np.ndarray:
   """Generates one image per prompt.
 
   Args:
@@ -44,10 +57,13 @@ def generate(sd: StableDiffusion, prompts: Sequence[str], values: Sequence[str |
     negative_prompts: B unconditional prompts for guidance (default "").
     steps, guidance, scheduler: sampler settings ("dpm" = DPM-Solver++ 2M, or "ddim").
     seed: noise seed; image i uses `fold_in(PRNGKey(seed), first_index + i)`.
-    height, width: image size (default: the UNet's training size).
+    height, width: image size (default: the latents', else the UNet's training size;
+      `image_size` checks it).
     latents: optional initial noise [B, h, w, C] (NHWC, float32), instead of the seed's.
     debias: use each row's value token with probability 0.5, drawn from the image's key.
     first_index: index of the first image, for generating a long run in batches.
+    check_finite: raise `NonFiniteImages` naming a prompt whose image came out NaN or infinite,
+      instead of returning it black (writers of image files ask for this).
   Returns:
     uint8 images [B, height, width, 3].
   """
@@ -57,15 +73,15 @@ def generate(sd: StableDiffusion, prompts: Sequence[str], values: Sequence[str |
   if len(values) != batch or len(negative_prompts) != batch:
     raise ValueError(f"{batch} prompts need {batch} values and negative prompts, got "
                      f"{len(values)} and {len(negative_prompts)}")
+  if latents is not None and len(latents) != batch:
+    raise ValueError(f"{batch} prompts need {batch} initial latents, got {len(latents)}")
   has_value = np.array([bool(v) for v in values])
   if has_value.any() and sd.value_encoder is None:
     raise ValueError("a value was given but no value encoder is loaded "
                      "(weights.load_sd(..., value_encoder=DIR) / --value_encoder)")
 
-  height, width = height or sd.default_size, width or sd.default_size
+  height, width = image_size(sd, height, width, latents)
   factor = sd.vae_scale_factor
-  if height % factor or width % factor:
-    raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
   noise_keys, _ = _image_keys(seed, first_index, batch)
   if latents is None:
     shape = (height // factor, width // factor, sd.unet.config.in_channels)
@@ -80,32 +96,116 @@ def generate(sd: StableDiffusion, prompts: Sequence[str], values: Sequence[str |
   sampler = _sampler(scheduler, sd.scheduler_config, steps)
   models = (sd.text_encoder, sd.unet, sd.vae) + ((sd.value_encoder,) if with_value else ())
   graphdefs, states = zip(*(nnx.split(m) for m in models))
-  images = _sample(states, tokenize(prompts), tokenize(value_texts), use_value,
-                   tokenize(negative_prompts), latents, jnp.float32(guidance),
-                   graphdefs=graphdefs, sampler=sampler)
+  images, finite = _sample(states, tokenize(prompts), tokenize(value_texts), use_value,
+                           tokenize(negative_prompts), latents, jnp.float32(guidance),
+                           graphdefs=graphdefs, sampler=sampler)
+  finite = np.asarray(finite)
+  if check_finite and not finite.all():
+    i = int(np.argmin(finite))
+    raise NonFiniteImages(
+        f"{int((~finite).sum())} of {batch} images came out NaN or infinite (they would be "
+        f"black), e.g. prompt {prompts[i]!r} "
+        + (f"with value {values[i]!r}" if use_value[i] else "without a value token")
+        + "; check the weights for NaN or inf")
   return np.asarray(images)
+
+
+def size_multiple(sd: StableDiffusion) -> int:
+  """What image sides must be multiples of: the VAE's factor times the UNet's downsampling."""
+  return sd.vae_scale_factor * 2 ** (len(sd.unet.config.down_block_types) - 1)
+
+
+def image_size(sd: StableDiffusion, height: int | None = None, width: int | None = None,
+               latents=None) -> tuple[int, int]:
+  """The (height, width) to sample at: as given, else the latents', else the model's.
+
+  Raises ValueError naming `--height`, `--width` or `--latents` when the model cannot make that
+  size: each side a positive multiple of `size_multiple(sd)`, and latents [N, height / f,
+  width / f, C] (f the VAE's factor, C the UNet's input channels).
+  """
+  factor, multiple = sd.vae_scale_factor, size_multiple(sd)
+  scales = f"(VAE x{factor}, UNet x{multiple // factor})"
+  if latents is not None:
+    shape, channels = tuple(np.shape(latents)), sd.unet.config.in_channels
+    if len(shape) != 4 or shape[3] != channels or shape[1] % (multiple // factor) or (
+        shape[2] % (multiple // factor)):
+      raise ValueError(f"--latents: shape {shape}, this model takes [N, h, w, {channels}] "
+                       f"with h and w multiples of {multiple // factor} {scales}")
+    height = shape[1] * factor if height is None else height
+    width = shape[2] * factor if width is None else width
+  height = sd.default_size if height is None else height
+  width = sd.default_size if width is None else width
+  for name, size in (("height", height), ("width", width)):
+    if size < 1 or size % multiple:
+      raise ValueError(f"--{name}={size}: this model makes sides that are positive multiples "
+                       f"of {multiple} {scales}")
+  if latents is not None and shape[1:3] != (height // factor, width // factor):
+    raise ValueError(f"--latents: shape {shape} makes {shape[1] * factor}x{shape[2] * factor} "
+                     f"images, not the {height}x{width} of --height and --width")
+  return height, width
+
+
+def read_latents(path: str, num_images: int) -> np.ndarray:
+  """float32 [num_images, h, w, C] initial noise from a .npy file; ValueError naming it."""
+  try:
+    latents = np.load(path)
+  except (OSError, ValueError) as e:   # unreadable, or not .npy (pickles are refused)
+    raise ValueError(f"--latents {path}: not a readable .npy file ({e})") from None
+  if not isinstance(latents, np.ndarray):
+    raise ValueError(f"--latents {path}: an .npz archive, not one .npy array")
+  if (latents.ndim != 4 or len(latents) != num_images
+      or not np.issubdtype(latents.dtype, np.floating)):
+    raise ValueError(f"--latents {path}: {latents.dtype} {latents.shape}, expected float "
+                     f"[{num_images}, h, w, C] (NHWC, one per image of --num_images)")
+  if not np.isfinite(latents).all():
+    raise ValueError(f"--latents {path}: holds NaN or inf")
+  return latents.astype(np.float32)
+
+
+def check_out(out: str, *, overwrite: bool = False) -> None:
+  """Refuses an `out` that is a file, or a folder with anything in it unless `overwrite`."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise FileExistsError(f"--out {out}: exists and is not a folder")
+  if not overwrite and os.path.isdir(out) and os.listdir(out):
+    raise FileExistsError(f"--out {out}: not empty (--overwrite replaces the images in it)")
 
 
 def write_images(sd: StableDiffusion, out: str, *, prompt: str, value: str | None,
                  num_images: int, batch_size: int = 4, negative_prompt: str = "",
                  steps: int = 25, guidance: float = 7.5, scheduler: str = "dpm", seed: int = 0,
                  height: int | None = None, width: int | None = None, latents=None,
-                 debias: bool = False, record: dict | None = None) -> list[str]:
+                 debias: bool = False, record: dict | None = None,
+                 overwrite: bool = False) -> list[str]:
   """`out/00000.png`, ... and a JSON sidecar per image (prompt, value, whether its value token
   was used, seed, index, the sampler settings and `record`); returns the PNG paths.
 
   The arguments are `generate`'s, for `num_images` images of one prompt made `batch_size` at a
-  time; `latents`: [num_images, h, w, C] initial noise, or None for the seed's.
+  time; `latents`: [num_images, h, w, C] initial noise, or None for the seed's. `out` must be
+  new or empty, so that one run's images are never mixed with another's; `overwrite` removes
+  the images of an earlier run there first (and nothing else). `record` (generate.py: the
+  model and value encoder folders) also names the models when their images come out NaN.
   """
-  sampler = dict(steps=steps, guidance=guidance, scheduler=scheduler)
+  image_size(sd, height, width, latents)   # a bad size fails before `out` is touched
+  check_out(out, overwrite=overwrite)
   os.makedirs(out, exist_ok=True)
+  if overwrite:
+    files.remove_leftovers(out)
+    for name in os.listdir(out):
+      if _IMAGE_FILE.fullmatch(name):
+        os.remove(os.path.join(out, name))
+  sampler = dict(steps=steps, guidance=guidance, scheduler=scheduler)
+  models = ", ".join(f"--{k} {record[k]}" for k in ("model", "value_encoder")
+                     if (record or {}).get(k))
   paths = []
   for start in tqdm.tqdm(range(0, num_images, batch_size), desc="batches", unit="batch"):
     n = min(batch_size, num_images - start)
-    images = generate(sd, [prompt] * n, [value] * n, negative_prompts=[negative_prompt] * n,
-                      seed=seed, latents=None if latents is None else latents[start:start + n],
-                      debias=debias, first_index=start, height=height, width=width,
-                      **sampler)
+    try:
+      images = generate(sd, [prompt] * n, [value] * n, negative_prompts=[negative_prompt] * n,
+                        seed=seed, latents=None if latents is None else latents[start:start + n],
+                        debias=debias, first_index=start, height=height, width=width,
+                        check_finite=True, **sampler)
+    except NonFiniteImages as e:
+      raise NonFiniteImages(f"{models}: {e}" if models else str(e)) from None
     used = value_draws([value] * n, seed=seed, first_index=start, debias=debias)
     for offset, image in enumerate(images):
       index = start + offset
@@ -147,7 +247,7 @@ def _sampler(name: str, config: schedulers.SchedulerConfig, steps: int):
 @functools.partial(jax.jit, static_argnames=("graphdefs", "sampler"))
 def _sample(states, prompt_ids, value_ids, use_value, negative_ids, latents, guidance, *,
             graphdefs, sampler):
-  """Token ids and initial noise -> uint8 images; see `generate`."""
+  """Token ids and initial noise -> (uint8 images, [B] whether each was finite); see `generate`."""
   text_encoder, unet, vae, *value_encoder = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
   cond, _ = text_encoder(prompt_ids)         # [B, 77, D]
   uncond, _ = text_encoder(negative_ids)     # [B, 77, D]
@@ -173,5 +273,6 @@ def _sample(states, prompt_ids, value_ids, use_value, negative_ids, latents, gui
   x = latents * sampler.init_noise_sigma
   (x, _), _ = jax.lax.scan(denoise, (x, sampler.init_state(x)), jnp.arange(len(timesteps)))
   images = vae.decode(x / vae.scaling_factor).astype(jnp.float32)
+  finite = jnp.isfinite(images).all(axis=(1, 2, 3))   # [B]: NaN would clip to black below
   # diffusers' postprocessing: [-1, 1] -> [0, 1], clamp, *255, round.
-  return jnp.round(jnp.clip(images / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
+  return jnp.round(jnp.clip(images / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8), finite

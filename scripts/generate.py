@@ -7,14 +7,17 @@ Writes `out/00000.png`, ... and a JSON sidecar per image (prompt, value, seed, s
 guidance, ...). The same flags give byte-identical files. `--value=auto` asks the value retriever
 (`python -m livo_jax.retriever`); `--debias` uses the value token for each image with
 probability 0.5, as the paper evaluates bias.
+
+`--out` must be new or empty, so one run's images never mix with another's: `--overwrite`
+replaces the images of an earlier run there (and touches nothing else). Every flag is checked
+before the model loads, the image size against the model once it is loaded; errors are one line
+("error: ...", exit 1), Ctrl-C stops with "interrupted" (exit 130) and leaves whole files only.
 """
 
-
-from absl import app
 from absl import flags
 import jax.numpy as jnp
-import numpy as np
 
+from livo_jax import cli
 from livo_jax import retriever
 from livo_jax import sampling
 from livo_jax import weights
@@ -23,20 +26,34 @@ _MODEL = flags.DEFINE_string("model", None, "diffusers SD folder (torch or Flax 
                              required=True)
 _VALUE_ENCODER = flags.DEFINE_string("value_encoder", None, "LiVO value encoder folder")
 _PROMPT = flags.DEFINE_string("prompt", None, "the prompt", required=True)
-_VALUE = flags.DEFINE_string("value", None, "value statement, or 'auto' for the retriever")
+_VALUE = flags.DEFINE_string("value", None, "value statement, or 'auto' for the retriever "
+                             "(needs --value_encoder)")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", "", "unconditional prompt for guidance")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "how many images")
-_BATCH = flags.DEFINE_integer("batch_size", 4, "images per compiled call")
-_STEPS = flags.DEFINE_integer("steps", 25, "sampler steps")
-_GUIDANCE = flags.DEFINE_float("guidance", 7.5, "classifier-free guidance scale")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "how many images", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 4, "images per compiled call", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 25, "sampler steps", lower_bound=1)
+_GUIDANCE = flags.DEFINE_float("guidance", 7.5, "classifier-free guidance scale (0: the "
+                               "unconditional prediction, 1: the conditional one)",
+                               lower_bound=0)
 _SCHEDULER = flags.DEFINE_enum("scheduler", "dpm", ["dpm", "ddim"], "DPM-Solver++ 2M or DDIM")
-_SEED = flags.DEFINE_integer("seed", 0, "noise seed")
-_HEIGHT = flags.DEFINE_integer("height", None, "image height (default: the model's)")
-_WIDTH = flags.DEFINE_integer("width", None, "image width (default: the model's)")
+_SEED = flags.DEFINE_integer("seed", 0, "noise seed", lower_bound=0, upper_bound=2**31 - 1)
+_HEIGHT = flags.DEFINE_integer("height", None, "image height (default: the model's)",
+                               lower_bound=1)
+_WIDTH = flags.DEFINE_integer("width", None, "image width (default: the model's)",
+                              lower_bound=1)
 _LATENTS = flags.DEFINE_string("latents", None, ".npy initial noise [N, h, w, C] float32 (NHWC)")
 _DEBIAS = flags.DEFINE_bool("debias", False, "use the value token with probability 0.5 each")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
-_OUT = flags.DEFINE_string("out", None, "output folder", required=True)
+_OUT = flags.DEFINE_string("out", None, "output folder, new or empty", required=True)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace the images already in --out")
+
+cli.must_exist(_MODEL, "folder")
+cli.must_exist(_VALUE_ENCODER, "folder")
+cli.must_exist(_LATENTS, "file")
+cli.must_be_finite(_GUIDANCE)
+flags.register_multi_flags_validator(
+    ["value", "value_encoder"], lambda f: not f["value"] or f["value_encoder"],
+    "--value (auto too) needs --value_encoder")
 
 
 def resolve_value(value: str | None, prompt: str) -> str | None:
@@ -48,13 +65,10 @@ def resolve_value(value: str | None, prompt: str) -> str | None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses arguments
+  sampling.check_out(_OUT.value, overwrite=_OVERWRITE.value)
   value = resolve_value(_VALUE.value, _PROMPT.value)
-  latents = np.load(_LATENTS.value) if _LATENTS.value else None
-  if latents is not None and len(latents) != _NUM_IMAGES.value:
-    raise app.UsageError(f"--latents holds {len(latents)} images, --num_images is "
-                         f"{_NUM_IMAGES.value}")
+  latents = sampling.read_latents(_LATENTS.value, _NUM_IMAGES.value) if _LATENTS.value else None
   sd = weights.load_sd(_MODEL.value, value_encoder=_VALUE_ENCODER.value,
                        dtype=jnp.dtype(_DTYPE.value))
   sampling.write_images(
@@ -62,10 +76,11 @@ def main(argv):
       batch_size=_BATCH.value, negative_prompt=_NEGATIVE.value, steps=_STEPS.value,
       guidance=_GUIDANCE.value, scheduler=_SCHEDULER.value, seed=_SEED.value,
       height=_HEIGHT.value, width=_WIDTH.value, latents=latents, debias=_DEBIAS.value,
+      overwrite=_OVERWRITE.value,
       record=dict(model=_MODEL.value, value_encoder=_VALUE_ENCODER.value, dtype=_DTYPE.value,
                   latents=_LATENTS.value))
   print(f"wrote {_NUM_IMAGES.value} images to {_OUT.value}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
