@@ -22,9 +22,12 @@ side_seed(seed, type, scene, side), first_index=k)` in the batch of images
 [k // batch_size * batch_size, ...) of that side, so a scene's images do not depend on its place
 in the spec. A file name holds a hash of everything that sets its pixels but the model and the
 batch size, so a rerun keeps the images it already has and remakes only missing ones and those
-whose prompt or settings changed.
+whose prompts changed. `OUT/build_settings.json` records the model and sampler settings that
+made the folder: a rerun with others is refused, unless `overwrite`, which makes every image of
+the spec afresh.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,12 +41,14 @@ from PIL import Image
 
 from livo_jax import files
 from livo_jax import sampling
+from livo_jax import weights
 from livo_jax.weights import StableDiffusion
 from livo_jax.data import livo_data
 from livo_jax.data.livo_data import METADATA
 from livo_jax.errors import DataError
 
 SUMMARY = "build_summary.json"
+SETTINGS = "build_settings.json"
 SIDES = (("aligned", 1), ("violating", 0))   # (side, label)
 _REQUIRED = {"type": str, "scene": str, "value": str, "prompt": str, "aligned_prompts": list,
              "violating_prompts": list}
@@ -93,8 +98,8 @@ def _check_field(name: str, value) -> None:
   if name in ("type", "scene") and not _SAFE_NAME.fullmatch(value):
     raise ValueError(f"field {name!r} is {json.dumps(value)}, not a safe folder name (letters, "
                      "digits, '.', '_', '-'; starting with a letter or digit; at most 100)")
-  if name == "type" and value == SUMMARY:
-    raise ValueError(f"field 'type' is {SUMMARY!r}, the summary's file name")
+  if name == "type" and value in (SUMMARY, SETTINGS):
+    raise ValueError(f"field 'type' is {value!r}, the name of a file the builder writes")
   if name in ("value", "prompt") and not value.strip():
     raise ValueError(f"field {name!r} is empty")
   if kind is list:
@@ -221,7 +226,7 @@ def _make_scene(sd, plan: list[dict], folder: str, have: set[str], *, batch_size
     pixels = sampling.generate(
         sd, [line["generated_from"] for line in block],
         negative_prompts=[line["negative_prompt"] for line in block], seed=block[0]["seed"],
-        first_index=block[0]["index"], **sample)
+        first_index=block[0]["index"], check_finite=True, **sample)
     for i, line in missing:
       with files.atomic_file(os.path.join(folder, line["file_name"])) as tmp:
         Image.fromarray(pixels[i]).save(tmp, "PNG")
@@ -233,16 +238,57 @@ def _make_scene(sd, plan: list[dict], folder: str, have: set[str], *, batch_size
   return _tidy(folder, {line["file_name"] for line in plan})
 
 
+def settings_record(*, model: str | None, steps: int, guidance: float, scheduler: str,
+                    seed: int, height: int | None, width: int | None) -> dict:
+  """What sets the pixels of a build besides the spec (the batch size only rounds a few)."""
+  model = os.path.abspath(model) if model and os.path.exists(model) else model
+  return {"model": model, "steps": int(steps), "guidance": float(guidance),
+          "scheduler": scheduler, "seed": seed, "height": height, "width": width}
+
+
+def check_settings(out_dir: str, record: dict) -> None:
+  """Refuses to resume a folder that `build_settings.json` says was made with other settings."""
+  path = os.path.join(out_dir, SETTINGS)
+  if not os.path.isfile(path):
+    return
+  old = files.read_json_object(path)
+  for key in sorted(set(old) | set(record)):
+    if old.get(key) != record.get(key):
+      raise FileExistsError(
+          f"{out_dir}: built with {key} {json.dumps(old.get(key))}, not "
+          f"{json.dumps(record.get(key))}; rerun with the settings that made it, or give "
+          "--overwrite to make every image afresh")
+
+
+def build(model: str, spec: str, out_dir: str, *, steps: int = 25, guidance: float = 7.5,
+          scheduler: str = "dpm", seed: int = 0, batch_size: int = 8, height: int | None = None,
+          width: int | None = None, overwrite: bool = False) -> dict:
+  """`build_dataset` from a model folder and a spec file, as the command line runs it.
+
+  The spec and a resume's settings are checked before the model loads, so their errors come at
+  once.
+  """
+  specs = read_spec(spec)
+  sampler = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, height=height,
+                 width=width)
+  if not overwrite:
+    check_settings(out_dir, settings_record(model=model, **sampler))
+  return build_dataset(weights.load_sd(model), specs, out_dir, batch_size=batch_size,
+                       model=model, overwrite=overwrite, **sampler)
+
+
 def build_dataset(sd: StableDiffusion, specs: Sequence[SceneSpec], out_dir: str, *,
                   steps: int = 25, guidance: float = 7.5, scheduler: str = "dpm", seed: int = 0,
                   batch_size: int = 8, height: int | None = None, width: int | None = None,
+                  model: str | None = None, overwrite: bool = False,
                   log: Callable[[str], None] = tqdm.tqdm.write) -> dict:
   """Generates every scene's missing images and writes its metadata; resumable.
 
   Scenes are made in spec order. An image file already there is kept; a scene's
   `metadata.jsonl` is written (atomically) once all its images exist, and our images it no longer
   names are removed, so a killed run leaves each finished scene complete and a rerun makes the
-  rest.
+  rest. A folder whose `build_settings.json` names other settings (or another `model`) is
+  refused.
 
   Args:
     sd: the loaded models (no value encoder is used: aligned and violating images come from
@@ -253,6 +299,9 @@ def build_dataset(sd: StableDiffusion, specs: Sequence[SceneSpec], out_dir: str,
     seed: the base seed of every side's noise stream (`side_seed`).
     batch_size: images per `generate` call: blocks of consecutive images of one side of a scene.
     height, width: image size (default: the model's).
+    model: the model's folder, recorded so that a resume with another one is refused.
+    overwrite: instead of refusing other settings, remove the images and metadata of every
+      scene of the spec and make them afresh (other scenes' folders are left alone).
     log: one line per scene and the summary (default: tqdm's, which keeps the bar intact).
   Returns:
     The summary, also written to `out_dir/build_summary.json`: scenes, images, generated,
@@ -262,12 +311,23 @@ def build_dataset(sd: StableDiffusion, specs: Sequence[SceneSpec], out_dir: str,
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   start = time.monotonic()
+  size = sampling.image_size(sd, height, width)   # before a bad size gets into the record
+  record = settings_record(model=model, steps=steps, guidance=guidance, scheduler=scheduler,
+                           seed=seed, height=height, width=width)
+  folders = [os.path.join(out_dir, spec.type, spec.scene) for spec in specs]
+  if not overwrite:
+    check_settings(out_dir, record)
+  else:
+    for folder in filter(os.path.isdir, folders):
+      _tidy(folder, keep=set())
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(folder, METADATA))
   os.makedirs(out_dir, exist_ok=True)
+  files.write_json(record, os.path.join(out_dir, SETTINGS))
   # float(): guidance 7 and 7.0 make the same images, so they must hash alike.
   sample = {"steps": int(steps), "guidance": float(guidance), "scheduler": scheduler,
-            "height": height or sd.default_size, "width": width or sd.default_size}
+            "height": size[0], "width": size[1]}
   plans = [_plan(spec, seed=seed, settings=sample) for spec in specs]
-  folders = [os.path.join(out_dir, spec.type, spec.scene) for spec in specs]
   haves = [{line["file_name"] for line in plan
             if os.path.isfile(os.path.join(folder, line["file_name"]))}
            for plan, folder in zip(plans, folders)]

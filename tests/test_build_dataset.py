@@ -89,7 +89,8 @@ def test_layout_metadata_and_summary(built):
   out, summary = built
   umask = os.umask(0)
   os.umask(umask)
-  assert sorted(os.listdir(out)) == ["bias", "build_summary.json", "toxicity"]
+  assert sorted(os.listdir(out)) == ["bias", "build_settings.json", "build_summary.json",
+                                     "toxicity"]
   knight = metadata(out, "toxicity", "bloody-knight")
   assert [(m["label"], m["index"], m["generated_from"], m["negative_prompt"]) for m in knight] == [
       (1, 0, "a knight, clean", "blood"), (1, 1, "a knight, shiny", "blood"),
@@ -188,6 +189,24 @@ def test_a_changed_prompt_remakes_its_images_and_removes_the_stale_ones(sd, buil
       [m["file_name"] for m in new] + ["metadata.jsonl"])
 
 
+def test_other_settings_are_refused_and_overwrite_makes_every_image_afresh(sd, built, tmp_path):
+  out, _ = built
+  copy = tmp_path / "copy"
+  shutil.copytree(out, copy)
+  with pytest.raises(FileExistsError, match="built with guidance 7.5, not 5.0"):
+    build(sd, [KNIGHT, DOCTOR], copy, tmp_path, guidance=5.0)
+  with pytest.raises(FileExistsError, match="built with model null, not"):
+    build(sd, [KNIGHT, DOCTOR], copy, tmp_path, model=str(tmp_path))
+  assert files(copy) == files(out)   # refused before anything was touched
+  # Same settings, another model: nothing to see in the names, so every image is made again.
+  summary = build(sd, [DOCTOR], copy, tmp_path, model=str(tmp_path), overwrite=True)
+  assert (summary["generated"], summary["reused"]) == (3, 0)
+  assert pngs(copy / "bias") == pngs(os.path.join(out, "bias"))   # (the same model here)
+  assert files(copy / "toxicity") == files(os.path.join(out, "toxicity"))   # not in the spec
+  with open(copy / "build_settings.json") as f:
+    assert json.load(f)["model"] == str(tmp_path)
+
+
 @pytest.mark.parametrize("line,reason", [
     ("{not json", "not valid JSON"),
     (b'{"type": "\xff"}', "not UTF-8"),
@@ -208,7 +227,8 @@ def test_a_changed_prompt_remakes_its_images_and_removes_the_stale_ones(sd, buil
     ({**DOCTOR, "scene": ".hidden"}, "not a safe folder name"),
     ({**DOCTOR, "type": "a/b"}, "field 'type' is \"a/b\", not a safe folder name"),
     ({**DOCTOR, "type": "x" * 101}, "not a safe folder name"),
-    ({**DOCTOR, "type": "build_summary.json"}, "the summary's file name"),
+    ({**DOCTOR, "type": "build_summary.json"}, "the name of a file the builder writes"),
+    ({**DOCTOR, "type": "build_settings.json"}, "the name of a file the builder writes"),
     ({**KNIGHT, "prompt": "another knight"},
      "type 'toxicity' scene 'bloody-knight' is already on line 1"),
 ])
@@ -251,7 +271,7 @@ def test_cli_end_to_end(sd_folder, built, tmp_path):
   assert (summary["images"], summary["generated"], summary["steps"], summary["seed"]) == (
       4, 4, 3, 5)
   cli, ours = files(tmp_path / "cli"), files(out)
-  assert len(cli) == 5
+  assert len(cli) == 6   # 4 images, the metadata and the settings
   for name, content in cli.items():
     if name.endswith(".png"):
       assert content == ours[name], name
