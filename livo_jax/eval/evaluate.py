@@ -16,7 +16,9 @@ against its prompt (the CLIP score, or the demo's shape accuracy); Inception Sco
 against base) when the FID Inception is given. A run holds at most one task of each kind.
 
 Layout under `out`: `images/<variant>/<prompt index>/<image index>.png` (kept between runs, so a
-rerun only generates what is missing; prompt indices run over the tasks in order),
+rerun only generates what is missing; prompt indices run over the tasks in order) and
+`images/<variant>/settings.json` (what made them: a rerun with other settings is refused, but
+prompts may be added or left out at the end; `overwrite` starts the variant afresh),
 `manifest.jsonl` (one line per judged image: file, task, prompt, model, value, seed, verdicts),
 `results/<variant>_<task>.jsonl` (one line per prompt), `results/summary.json`, `grid.png` and
 `report.md`. `evaluate(EvalConfig)` is the command line's run of one task.
@@ -25,6 +27,7 @@ rerun only generates what is missing; prompt indices run over the tasks in order
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
@@ -44,6 +47,7 @@ TASKS = ("bias", "toxicity")
 VARIANTS = ("base", "livo")
 TRUTH_VALUES = {"gender": "gender equality", "race": "racial equality"}
 GRID_PROMPTS = 4   # prompts of each task shown in the grid
+RECORD = "settings.json"   # in each generated variant's folder
 LOWER_IS_BETTER = {"d1": True, "d2": True, "toxicity_ratio": True, "clip_score": False,
                    "shape_accuracy": False, "inception_score": False, "fid_vs_base": True}
 
@@ -201,7 +205,9 @@ def judge_variant(tasks: Sequence[Task], variant: str, folder: str, judges: Judg
 def run(tasks: Sequence[Task], judges: Judges, out: str, *, sd=None,
         image_folders: Mapping[str, str] | None = None, generation: Generation = Generation(),
         settings: Mapping[str, object] | None = None, title: str = "LiVO evaluation",
-        log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+        log: Callable[[str], None] = print,
+        sources: Mapping[str, Mapping[str, Any]] | None = None,
+        overwrite: bool = False) -> dict[str, dict[str, float]]:
   """Generates what is missing, judges every image, writes the files above.
 
   Args:
@@ -215,6 +221,10 @@ def run(tasks: Sequence[Task], judges: Judges, out: str, *, sd=None,
     settings: extra lines for the report's settings table.
     title: the report's title.
     log: one line per variant judged.
+    sources: variant -> what else made its images (the command line: model and value encoder
+      folders, dtype), kept in its `settings.json` with `generation` and the prompts.
+    overwrite: remove the generated images of a variant and start afresh, instead of refusing
+      to resume one made with other settings.
   Returns:
     {variant: {metric: value}}, also in `results/summary.json`.
   """
@@ -225,10 +235,15 @@ def run(tasks: Sequence[Task], judges: Judges, out: str, *, sd=None,
       sd is not None and (v == "base" or sd.value_encoder is not None))]
   if not variants:
     raise ValueError("nothing to evaluate: give --model (and --value_encoder) or image folders")
+  generated = [v for v in variants if v not in image_folders]
+  if generated:   # a size the model cannot make must not get into a record
+    sampling.image_size(sd, generation.height, generation.width)
+  for variant in generated:
+    record = images_record(tasks, variant, generation, (sources or {}).get(variant, {}))
+    claim_images(folders[variant], record, overwrite=overwrite)
   os.makedirs(os.path.join(out, "results"), exist_ok=True)
-  for variant in variants:
-    if variant not in image_folders:
-      generate_missing(sd, tasks, variant, folders[variant], generation)
+  for variant in generated:
+    generate_missing(sd, tasks, variant, folders[variant], generation)
 
   summary, manifest, shown = {}, [], {}
   for variant in variants:
@@ -243,6 +258,56 @@ def run(tasks: Sequence[Task], judges: Judges, out: str, *, sd=None,
   _write_outputs(out, tasks, judges, generation, summary, manifest, shown, variants,
                  settings or {}, title)
   return summary
+
+
+def images_record(tasks: Sequence[Task], variant: str, generation: Generation,
+                  sources: Mapping[str, Any]) -> dict:
+  """What sets the pixels of `variant`'s generated images: all but the batch size."""
+  settings = {k: v for k, v in dataclasses.asdict(generation).items() if k != "batch_size"}
+  prompts = [[task.name, prompt] + ([value] if variant == "livo" else [])
+             for task, _, prompt, value in _prompt_rows(tasks)]
+  # Through JSON, as it comes back from the file: tuples become lists.
+  return json.loads(files.json_text({**sources, **settings, "prompts": prompts}))
+
+
+def check_images(folder: str, record: dict) -> dict | None:
+  """Refuses to resume `folder` if its `settings.json` differs from `record`; returns it.
+
+  The prompts may differ in number (`max_prompts`, prompts added), not in the ones both have.
+  """
+  path = os.path.join(folder, RECORD)
+  if not os.path.isfile(path):
+    return None
+  old = files.read_json_object(path)
+  for key in sorted(set(old) | set(record)):
+    then, now = old.get(key), record.get(key)
+    if key == "prompts":
+      first = next((i for i, (a, b) in enumerate(zip(then or [], now)) if a != b), None)
+      if first is None:
+        continue
+      key, then, now = f"prompt {first}", then[first], now[first]
+    if then != now:
+      raise FileExistsError(
+          f"{folder}: its images were made with {key} {json.dumps(then)}, not "
+          f"{json.dumps(now)}; rerun with the settings that made them, or give --overwrite to "
+          "start afresh")
+  return old
+
+
+def claim_images(folder: str, record: dict, *, overwrite: bool = False) -> None:
+  """Writes `folder/settings.json` before images are generated into `folder`.
+
+  A folder made with other settings is refused (`check_images`), or with `overwrite` emptied.
+  """
+  old = None
+  if overwrite:
+    shutil.rmtree(folder, ignore_errors=True)
+  else:
+    old = check_images(folder, record)
+  if old and len(old.get("prompts") or []) > len(record["prompts"]):
+    record = {**record, "prompts": old["prompts"]}   # the images of every prompt made stay
+  os.makedirs(folder, exist_ok=True)
+  files.write_json(record, os.path.join(folder, RECORD))
 
 
 def _check_tasks(tasks: Sequence[Task], judges: Judges) -> None:
@@ -313,6 +378,7 @@ class EvalConfig:
   vlm_api_key: str | None = None
   llava: str | None = None               # toxicity: judge with a local LLaVA folder (torch)
   inception: str | None = None           # FID Inception weights: adds IS and FID
+  overwrite: bool = False                # regenerate images made with other settings
 
 
 def read_prompts(path: str, *, need_value: bool = False) -> list[dict[str, Any]]:
@@ -376,10 +442,20 @@ def evaluate(config: EvalConfig) -> dict[str, dict[str, float]]:
               tuple(value_for(config, r) for r in records),
               choices=judges_lib.ATTRIBUTES[config.attribute] if config.task == "bias" else (),
               kind=config.kind if config.task == "toxicity" else "")
+  path = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p
+  model = dict(model=path(config.model), dtype=config.dtype)
+  sources = {"base": model, "livo": {**model, "value_encoder": path(config.value_encoder)}}
+  generated = [v for v in VARIANTS if config.model and v not in config.images
+               and (v == "base" or config.value_encoder)]
+  if not config.overwrite:   # a refused resume fails before any model loads
+    for variant in generated:
+      check_images(os.path.join(config.out, "images", variant),
+                   images_record([task], variant, config.generation, sources[variant]))
   sd = None
   if config.model:
     sd = weights.load_sd(config.model, value_encoder=config.value_encoder,
                          dtype=jnp.dtype(config.dtype))
   return run([task], config_judges(config), config.out, sd=sd, image_folders=config.images,
              generation=config.generation, settings={"prompts": config.prompts},
-             title=f"LiVO evaluation: {config.task}")
+             title=f"LiVO evaluation: {config.task}", sources=sources,
+             overwrite=config.overwrite)
