@@ -184,11 +184,33 @@ def test_sharded_run_follows_one_device(straight, make_config, sd_folder, train_
     ({"sharding.rules.fsdp": (("(", "fsdp"),)}, "bad regex"),
     ({"sharding.rules.fsdp": ((".*", "half"),)}, "rule 'half'"),
     ({"mesh.dcn_data": 3}, "mesh.dcn_data = 3"),
+    ({"batch_size": 0}, "batch_size = 0: must be >= 1"),
+    ({"optim.grad_accum_steps": 0}, "optim.grad_accum_steps = 0: must be >= 1"),
+    ({"data.resolution": 0}, "data.resolution = 0: must be a positive multiple of 8"),
+    ({"data.resolution": 20}, "data.resolution = 20"),
+    ({"optim.lr": -1.0}, "optim.lr = -1.0: must be finite and > 0"),
+    ({"optim.b2": 1.0}, "optim.b2 = 1.0: must be finite and in"),
+    ({"optim.weight_decay": float("nan")}, "optim.weight_decay = nan"),
+    ({"loss.beta": float("inf")}, "loss.beta = inf: must be finite"),
+    ({"loss.snr_gamma": -1.0}, "loss.snr_gamma = -1.0: must be >= 0"),
+    ({"max_nonfinite_steps": 0}, "max_nonfinite_steps = 0: must be >= 1"),
+    ({"eval.every": 4, "eval.steps": 0}, "eval.steps = 0"),
 ])
 def test_config_errors_stop_before_compute(make_config, tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
     train.train(make_config(**overrides), str(tmp_path / "workdir"))
   assert os.listdir(tmp_path / "workdir") == []   # nothing written
+
+
+def test_resolution_must_suit_the_model(make_config):
+  """SD 1.5's VAE (x8) and four UNet levels (x8) need multiples of 64 px."""
+  import types  # pylint: disable=g-import-not-at-top
+  sd = types.SimpleNamespace(vae_scale_factor=8, unet=types.SimpleNamespace(
+      config=types.SimpleNamespace(block_out_channels=(320, 640, 1280, 1280))))
+  setup.check_resolution(make_config(**{"data.resolution": 512}), sd)
+  with pytest.raises(ConfigError, match="data.resolution = 520: this model needs a multiple "
+                     "of 64 px"):
+    setup.check_resolution(make_config(**{"data.resolution": 520}), sd)
 
 
 def test_config_keys_are_the_recipes(make_config, tmp_path):

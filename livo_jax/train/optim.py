@@ -5,6 +5,7 @@
 Used by the trainer (the `optim.*` keys) and by the demo's base-model pretraining.
 """
 
+import math
 from typing import Callable
 
 import optax
@@ -42,3 +43,13 @@ def check(optim) -> None:
     raise ConfigError(f"optim.schedule = {optim.schedule!r}: expected one of {SCHEDULES}")
   if optim.warmup_steps < 0:
     raise ConfigError(f"optim.warmup_steps = {optim.warmup_steps}: must be >= 0")
+  for key, low, high in (("lr", 0.0, None), ("eps", 0.0, None), ("b1", None, 1.0),
+                         ("b2", None, 1.0)):
+    value = optim[key]
+    if not math.isfinite(value) or (low is not None and value <= low) or (
+        high is not None and not 0 <= value < high):
+      bound = f"> {low:g}" if low is not None else f"in [0, {high:g})"
+      raise ConfigError(f"optim.{key} = {value}: must be finite and {bound}")
+  for key in ("weight_decay", "max_grad_norm", "final_lr_fraction"):
+    if not (math.isfinite(optim[key]) and optim[key] >= 0):
+      raise ConfigError(f"optim.{key} = {optim[key]}: must be finite and >= 0")

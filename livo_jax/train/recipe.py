@@ -84,6 +84,9 @@ def sd15() -> ml_collections.ConfigDict:
   config.sharding.trainable = "fsdp"     # the value encoder and its optimizer state
   config.sharding.frozen = "replicated"  # the frozen UNet, VAE and text encoder ("fsdp": split)
 
+  # A step with a non-finite loss or gradient is skipped (weights unchanged); this many in a row
+  # stop the run with exit 1, leaving the checkpoints and any export as they were.
+  config.max_nonfinite_steps = 3
   config.checkpoint_every = 1000
   config.keep_checkpoints = 20
   config.log_every = 1

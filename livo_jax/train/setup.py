@@ -42,13 +42,20 @@ def check_config(config, num_devices: int) -> None:
     section, name = key.split(".")
     if not config[section][name]:
       raise ConfigError(f"{key} is required (--config.{key}=PATH)")
-  for key in ("total_steps", "checkpoint_every", "log_every", "keep_checkpoints",
-              "optim.grad_accum_steps"):
-    node = config
-    for name in key.split("."):
-      node = node[name]
-    if node < 1:
-      raise ConfigError(f"{key} = {node}: must be >= 1")
+  for key in ("batch_size", "total_steps", "checkpoint_every", "log_every", "keep_checkpoints",
+              "max_nonfinite_steps", "optim.grad_accum_steps", "data.num_threads",
+              "data.prefetch"):
+    value = _value(config, key)
+    if value < 1:
+      raise ConfigError(f"{key} = {value}: must be >= 1")
+  for key in ("eval.every", "eval.steps"):
+    if _value(config, key) < 0:
+      raise ConfigError(f"{key} = {_value(config, key)}: must be >= 0")
+  if config.eval.every and config.eval.steps < 1:
+    raise ConfigError(f"eval.steps = {config.eval.steps}: must be >= 1 when eval.every is set")
+  resolution = config.data.resolution
+  if resolution < 8 or resolution % 8:
+    raise ConfigError(f"data.resolution = {resolution}: must be a positive multiple of 8")
   if config.model.remat not in layers.REMAT_POLICIES:
     raise ConfigError(f"model.remat = {config.model.remat!r}: expected one of "
                       f"{layers.REMAT_POLICIES}")
@@ -67,6 +74,22 @@ def check_config(config, num_devices: int) -> None:
   outputs.check_eval(config.eval)
   for key in ("trainable", "frozen"):
     sharding.rules_named(config.sharding[key], config.sharding.rules, f"sharding.{key}")
+
+
+def _value(config, key: str):
+  node = config
+  for name in key.split("."):
+    node = node[name]
+  return node
+
+
+def check_resolution(config, sd: weights.StableDiffusion) -> None:
+  """`data.resolution` against the loaded model: the UNet needs latents its down blocks halve
+  evenly (SD 1.5: multiples of 64 px)."""
+  multiple = sd.vae_scale_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
+  if config.data.resolution % multiple:
+    raise ConfigError(f"data.resolution = {config.data.resolution}: this model needs a multiple "
+                      f"of {multiple} px")
 
 
 def prepare_source(config) -> data.PreferenceSource:
@@ -94,7 +117,7 @@ def load_models(config) -> weights.StableDiffusion:
 @dataclasses.dataclass
 class Trainer:
   """What the loop (and the step benchmark) runs: `state, metrics = step(state, frozen, batch)`."""
-  state: dict                    # params, opt_state, step, rng of the value encoder
+  state: dict                    # params, opt_state, step, rng, skipped_steps
   frozen: dict                   # the frozen nets' nnx states, placed on the mesh
   step: Callable                 # the jitted train step
   state_shardings: Any
@@ -112,7 +135,7 @@ def build_trainer(config, sd: weights.StableDiffusion, mesh, *, donate: bool = T
 
   def init_state(params):
     return dict(params=params, opt_state=tx.init(params), step=jnp.int32(0),
-                rng=jax.random.PRNGKey(config.seed))
+                rng=jax.random.PRNGKey(config.seed), skipped_steps=jnp.int32(0))
 
   state_shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_state, params), trainable)
   state = jax.jit(init_state, out_shardings=state_shardings)(params)

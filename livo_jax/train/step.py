@@ -11,6 +11,7 @@ ever computed, the gradient reaches the value token through the UNet's activatio
 """
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -127,7 +128,7 @@ def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedule:
                     alphas_cumprod: np.ndarray, settings: StepSettings) -> Callable:
   """`train_step(state, frozen, batch) -> (state, metrics)`, to be jitted.
 
-  `state` = {params, opt_state, step, rng} of the value encoder; `frozen` = the nnx states of the
+  `state` = {params, opt_state, step, rng, skipped_steps} of the value encoder; `frozen` = the nnx states of the
   text encoder, UNet and VAE (never differentiated); `batch` = the data pipeline's arrays.
   """
   objective = losses.OBJECTIVES[settings.objective]
@@ -171,10 +172,22 @@ def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedule:
       (loss, metrics), grads = jax.tree.map(lambda x: x / k, summed)
 
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   lr=schedule(state["step"]))
-    new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
+    grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+    # A step whose loss, gradient or update is not finite (an update norm overflows float32
+    # long before an update could be meaningful) changes neither the weights nor the optimizer
+    # state: it is skipped on device and counted, and the loop stops the run after
+    # `max_nonfinite_steps` of them in a row (train/loop.py).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (optax.apply_updates(state["params"], updates), opt_state),
+        (state["params"], state["opt_state"]))
+    skipped = 1 - finite.astype(jnp.int32)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, update_norm=update_norm,
+                   lr=schedule(state["step"]),
+                   skipped=skipped, skipped_steps=state["skipped_steps"] + skipped)
+    new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=rng,
+                     skipped_steps=state["skipped_steps"] + skipped)
     return new_state, metrics
 
   return train_step
@@ -208,6 +221,12 @@ def check_loss(loss) -> None:
   """The `loss` section's names, checked before anything loads."""
   if loss.name not in losses.OBJECTIVES:
     raise ConfigError(f"loss.name = {loss.name!r}: expected one of {tuple(losses.OBJECTIVES)}")
+  for key, value in loss.items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"loss.{key} = {value}: must be finite")
+  for key in ("snr_gamma", "noise_offset", "input_perturbation"):
+    if loss[key] < 0:
+      raise ConfigError(f"loss.{key} = {loss[key]}: must be >= 0")
   if loss.prediction_type and loss.prediction_type not in losses.PREDICTION_TYPES:
     raise ConfigError(f"loss.prediction_type = {loss.prediction_type!r}: expected "
                       f"'' (from the scheduler config) or one of {losses.PREDICTION_TYPES}")
