@@ -12,3 +12,8 @@ class WeightsError(ValueError):
 
 class DataError(ValueError):
   """A training dataset is empty, or a metadata line or image in it is bad."""
+
+
+class RunError(RuntimeError):
+  """A training run stopped on purpose: its workdir is held by another run, a write failed, or
+  its steps stopped being finite. The message says why and what was kept."""

@@ -4,8 +4,8 @@ r"""Trains a LiVO value encoder against a frozen Stable Diffusion.
       --config.model.pretrained=/path/to/sd15 --config.data.train_dir=/path/to/livo_data
 
 Any config key can be overridden with `--config.KEY=VALUE`; an unknown key is an error. A rerun
-with the same workdir resumes from its latest checkpoint; SIGTERM (a preemption) saves one at the
-next step and exits cleanly. Multi-process runs add `--coordinator_address=HOST:PORT
+with the same workdir resumes from its latest checkpoint; SIGTERM (a preemption) or Ctrl-C saves
+one at the next step and exits cleanly. Errors are one line and exit 1 (docs/reliability.md). Multi-process runs add `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` to each process's command, or take them from the Cloud TPU or
 SLURM environment (docs/multihost.md).
 """
@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from livo_jax import train
 from livo_jax.train import runtime
-from livo_jax.errors import ConfigError, DataError, WeightsError
+from livo_jax.errors import ConfigError, DataError, RunError, WeightsError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)",
                                           lock_config=True)
@@ -62,8 +62,11 @@ def main(argv):
     runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                    detect=_DISTRIBUTED.value)
     train.train(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, WeightsError, FileNotFoundError) as e:
+  except (ConfigError, DataError, WeightsError, RunError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
+  except KeyboardInterrupt:   # a second Ctrl-C, or one before the first step
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,33 @@
-"""Process-level setup of a training run: multi-process JAX, preemption, the compilation cache.
+"""Process-level setup of a training run: multi-process JAX, preemption and Ctrl-C, the
+compilation cache, the workdir lock.
 
 One `scripts/train.py` command runs unchanged on one CPU, one GPU, a TPU slice or a GPU cluster:
 
   initialize_distributed(coordinator_address, num_processes, process_id)   # before any JAX use
   enable_compilation_cache("~/.cache/livo_jax/compilation")
-  preemption = PreemptionWatch()
-  for step in ...:
-    ...
-    if preemption.reached(step): save a checkpoint on every host, stop
+  with WorkdirLock(workdir):                                             # one run per workdir
+    preemption = PreemptionWatch()
+    for step in ...:
+      ...
+      if preemption.reached(step): save a checkpoint on every host, stop
 
 Multi-process runs start from explicit flags, or from what JAX detects itself (a Cloud TPU pod
 slice's metadata, a SLURM allocation with several tasks); otherwise the run is one process.
 """
 
+import fcntl
 import logging
 import os
 import signal
+import socket
 import threading
+import time
 
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 
-from livo_jax.errors import ConfigError
+from livo_jax.errors import ConfigError, RunError
 
 
 def _cluster_detected() -> str | None:
@@ -76,33 +82,97 @@ def enable_compilation_cache(directory: str) -> None:
 
 
 class PreemptionWatch:
-  """Whether to stop at a step boundary because the job is being preempted (SIGTERM).
+  """Whether to stop at a step boundary: the job is being preempted (SIGTERM) or the user
+  pressed Ctrl-C (SIGINT).
 
   Multi-process: JAX's preemption sync point, so that every host stops at the same step
-  (JAX's coordination service listens for the SIGTERM itself). One process: a SIGTERM handler
-  that sets a flag. The previous handler is restored by `close`.
+  (JAX's coordination service listens for the SIGTERM itself; Ctrl-C keeps its default there).
+  One process: handlers that set a flag; a second Ctrl-C interrupts at once. The previous
+  handlers are restored by `close`.
   """
 
   def __init__(self):
     self.multi_process = jax.process_count() > 1
-    self._signalled = False
-    self._previous = None
+    self.signal_name = None
+    self._previous = {}
     # Signal handlers can only be set from the main thread (a run driven from another thread
     # simply has no single-process preemption watch).
     if not self.multi_process and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._on_signal)
 
-  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then stopping")
-    self._signalled = True
+  def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
+    if self.signal_name is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal_name = signal.Signals(signum).name
+    logging.warning("%s: saving a checkpoint at the next step boundary, then stopping%s",
+                    self.signal_name, " (Ctrl-C again: stop now, without it)"
+                    if signum == signal.SIGINT else "")
 
   def reached(self, step: int) -> bool:
     """Call after every step, on every process; True: save and stop now."""
     if self.multi_process:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self._signalled
+    return self.signal_name is not None
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+
+class WorkdirLock:
+  """`workdir/.lock`: one run per workdir, held for the run's lifetime.
+
+  An advisory `flock` on the file, which the kernel drops when its process dies however it
+  dies, so a lock is never stale; the file names the holder (host, pid, start time) for the
+  message a second run prints. The file itself stays (emptied on release): removing it would
+  let two runs lock two different files. Process 0 holds it for a multi-process run.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self._file = None
+
+  def __enter__(self) -> "WorkdirLock":
+    refusal = self._acquire() if jax.process_index() == 0 else ""
+    if jax.process_count() > 1:
+      refused = multihost_utils.broadcast_one_to_all(np.int32(bool(refusal)))
+      refusal = refusal or (f"{self.path}: process 0 could not lock the workdir"
+                            if int(refused) else "")
+    if refusal:
+      raise RunError(refusal)
+    return self
+
+  def _acquire(self) -> str:
+    """Takes the lock; returns "" or why it cannot."""
+    self._file = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "another process"
+      self._file.close()
+      self._file = None
+      return (f"{self.path}: the workdir is in use by {holder}; wait for that run, or give "
+              "another --workdir")
+    except OSError as e:   # a file system without locks: run, but say so
+      logging.warning("%s: cannot lock (%s); make sure no other run uses this workdir",
+                      self.path, e.strerror)
+    self._file.seek(0)
+    previous = self._file.read().strip()
+    if previous:
+      logging.warning("%s: the previous run (%s) ended without releasing the workdir",
+                      self.path, previous)
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f"{socket.gethostname()} pid {os.getpid()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    self._file.flush()
+    return ""
+
+  def __exit__(self, *exc) -> None:
+    if self._file is not None:
+      self._file.truncate(0)
+      self._file.close()   # closing drops the flock
+      self._file = None
