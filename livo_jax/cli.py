@@ -27,10 +27,12 @@ from absl import flags
 from absl import logging
 
 from livo_jax import chat
+from livo_jax.errors import RunError
 
 # ConfigError, DataError and WeightsError are ValueErrors; FileNotFoundError, FileExistsError
-# and PermissionError are OSErrors.
-USER_ERRORS = (ValueError, OSError, chat.ChatError)
+# and PermissionError are OSErrors; RunError: a training run that stopped on purpose (the demo
+# trains in-process).
+USER_ERRORS = (ValueError, OSError, chat.ChatError, RunError)
 EXIT_INTERRUPTED = 130
 
 

@@ -116,7 +116,7 @@ def generate_missing(sd, tasks: Sequence[Task], variant: str, folder: str,
       images = sampling.generate(
           sd, [prompt] * len(batch), values, steps=generation.steps,
           guidance=generation.guidance, seed=generation.seed, height=generation.height,
-          width=generation.width, first_index=start)
+          width=generation.width, first_index=start, check_finite=True)
       for i, image in zip(batch, images):
         if not os.path.exists(paths[i]):
           image_lib.save_png(image, paths[i])
