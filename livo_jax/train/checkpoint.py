@@ -55,7 +55,9 @@ def _quiet_background_failures() -> None:
   When one write of a save fails (a full disk), orbax logs every failed part with a traceback,
   then closes that save's event loop while tensorstore's other writes are still in flight; each
   of those reports an unraisable "Event loop is closed" RuntimeError, and asyncio logs its
-  unretrieved results, some after the manager is closed. Only those are dropped.
+  unretrieved results, some after the manager is closed. A failed restore (a truncated file)
+  leaves orbax coroutines that report their own exceptions when collected. Only those are
+  dropped.
   """
   if getattr(sys.unraisablehook, "livo_jax", False):
     return
@@ -64,8 +66,10 @@ def _quiet_background_failures() -> None:
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
+    closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                   and str(unraisable.exc_value) == "Event loop is closed")
+    code = getattr(unraisable.object, "cr_code", None)   # an orbax coroutine left pending
+    if not (closed_loop or (code is not None and _ORBAX in code.co_filename)):
       previous(unraisable)
   hook.livo_jax = True
   sys.unraisablehook = hook

@@ -43,12 +43,11 @@ def check_config(config, num_devices: int) -> None:
     if not config[section][name]:
       raise ConfigError(f"{key} is required (--config.{key}=PATH)")
   for key in ("batch_size", "total_steps", "checkpoint_every", "log_every", "keep_checkpoints",
-              "max_nonfinite_steps", "optim.grad_accum_steps", "data.num_threads",
-              "data.prefetch"):
+              "max_nonfinite_steps", "optim.grad_accum_steps"):
     value = _value(config, key)
     if value < 1:
       raise ConfigError(f"{key} = {value}: must be >= 1")
-  for key in ("eval.every", "eval.steps"):
+  for key in ("eval.every", "eval.steps", "data.num_threads", "data.prefetch"):
     if _value(config, key) < 0:
       raise ConfigError(f"{key} = {_value(config, key)}: must be >= 0")
   if config.eval.every and config.eval.steps < 1:
