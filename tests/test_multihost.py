@@ -111,7 +111,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(sd_folder, train_dir, ca
   run.send_signal(signal.SIGTERM)
   _, stderr = run.communicate(timeout=120)
   assert run.returncode == 0, stderr[-3000:]
-  assert "preempted: checkpoint saved at step" in stderr
+  assert "SIGTERM: checkpoint saved at step" in stderr
   saved = [int(s) for s in os.listdir(os.path.join(interrupted, "checkpoints"))]
   assert len(saved) == 1 and 3 <= saved[0] < 100_000
   assert not os.path.exists(os.path.join(interrupted, "value_encoder"))

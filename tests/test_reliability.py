@@ -273,7 +273,8 @@ def test_one_run_per_workdir_and_ctrl_c_saves(finished, sd_folder, train_dir, co
   c = subprocess.Popen(command(workdir, sd_folder, train_dir, common, **long_run),
                        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
   try:
-    wait_for(lambda: f"pid {c.pid}" in open(os.path.join(workdir, ".lock")).read(), 300,
+    lock = os.path.join(workdir, ".lock")
+    wait_for(lambda: os.path.exists(lock) and f"pid {c.pid}" in open(lock).read(), 300,
              "run C's lock", c)
   finally:
     c.kill()
@@ -285,7 +286,7 @@ def test_one_run_per_workdir_and_ctrl_c_saves(finished, sd_folder, train_dir, co
   assert d.returncode == 0, d.stderr[-3000:]
   assert f"pid {c.pid}" in d.stderr and "ended without releasing the workdir" in d.stderr
   assert f"resumed from step {interrupted_at}" in d.stderr
-  assert open(os.path.join(workdir, ".lock")).read() == ""   # released
+  assert not os.path.exists(os.path.join(workdir, ".lock"))   # released
 
 
 def test_resume_heals_damaged_state(finished, make_config, tmp_path, caplog):

@@ -126,8 +126,9 @@ class WorkdirLock:
 
   An advisory `flock` on the file, which the kernel drops when its process dies however it
   dies, so a lock is never stale; the file names the holder (host, pid, start time) for the
-  message a second run prints. The file itself stays (emptied on release): removing it would
-  let two runs lock two different files. Process 0 holds it for a multi-process run.
+  message a second run prints, and is removed on release. (A run that locked a file its holder
+  removed meanwhile sees that the path no longer leads to it, and locks the new one.) Process 0
+  holds it for a multi-process run.
   """
 
   def __init__(self, workdir: str):
@@ -146,26 +147,29 @@ class WorkdirLock:
 
   def _acquire(self) -> str:
     """Takes the lock; returns "" or why it cannot."""
-    self._file = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      self._file.seek(0)
-      holder = self._file.read().strip() or "another process"
-      self._file.close()
-      self._file = None
-      return (f"{self.path}: the workdir is in use by {holder}; wait for that run, or give "
-              "another --workdir")
-    except OSError as e:   # a file system without locks: run, but say so
-      logging.warning("%s: cannot lock (%s); make sure no other run uses this workdir",
-                      self.path, e.strerror)
+    while True:
+      self._file = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+      try:
+        fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        self._file.seek(0)
+        holder = self._file.read().strip() or "another process"
+        self._close()
+        return (f"{self.path}: the workdir is in use by {holder}; wait for that run, or give "
+                "another --workdir")
+      except OSError as e:   # a file system without locks: run, but say so
+        logging.warning("%s: cannot lock (%s); make sure no other run uses this workdir",
+                        self.path, e.strerror)
+        break
+      if _same_file(self._file, self.path):
+        break
+      self._close()
     self._file.seek(0)
     previous = self._file.read().strip()
     if previous:
       logging.warning("%s: the previous run (%s) ended without releasing the workdir",
                       self.path, previous)
-    self._file.seek(0)
-    self._file.truncate()
+    self._file.truncate(0)
     self._file.write(f"{socket.gethostname()} pid {os.getpid()} since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     self._file.flush()
@@ -173,6 +177,17 @@ class WorkdirLock:
 
   def __exit__(self, *exc) -> None:
     if self._file is not None:
-      self._file.truncate(0)
-      self._file.close()   # closing drops the flock
-      self._file = None
+      if _same_file(self._file, self.path):
+        os.remove(self.path)   # while still locked: a waiting run then locks a new file
+      self._close()
+
+  def _close(self) -> None:
+    self._file.close()   # closing drops the flock
+    self._file = None
+
+
+def _same_file(file, path: str) -> bool:
+  try:
+    return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+  except FileNotFoundError:
+    return False
