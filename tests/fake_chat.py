@@ -58,14 +58,8 @@ def chat_server():
   server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeChatHandler)
   server.release = threading.Event()
   server.requests, server.replies = [], [(200, chat_reply("no"), 0)]
-  thread = threading.Thread(target=server.serve_forever, daemon=True)
-  thread.start()
-  try:
+  with _serving(server):
     yield server
-  finally:
-    server.release.set()
-    server.shutdown()
-    server.server_close()
 
 
 def reset(server, first_reply):
@@ -121,10 +115,17 @@ def raw_server(*responses, trickle_s=0.0, trickle_from=0):
   server.requests, server.responses = [], list(responses)
   server.trickle_s, server.trickle_from = trickle_s, trickle_from
   # A short poll: each test starts its own servers, and shutdown waits for a poll.
-  thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+  with _serving(server, poll_s=0.05):
+    yield server
+
+
+@contextlib.contextmanager
+def _serving(server, poll_s: float = 0.5):
+  """Serves `server` from a daemon thread; at exit releases delayed replies and shuts it down."""
+  thread = threading.Thread(target=server.serve_forever, args=(poll_s,), daemon=True)
   thread.start()
   try:
-    yield server
+    yield
   finally:
     server.release.set()
     server.shutdown()
