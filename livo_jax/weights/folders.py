@@ -1,6 +1,7 @@
 """One model's folder: torch (HF/diffusers) or Flax checkpoint in, either layout out.
 
-Read: a component folder's `config.json` plus `model.safetensors` /
+Every loader takes a folder, a Hub repo id or a `ModelRef` (a folder or id with its subfolder,
+revision and variant; `weights/hub.py` fetches what a load needs). Read: a component folder's `config.json` plus `model.safetensors` /
 `diffusion_pytorch_model.safetensors` (or sharded with an index, or `.bin` when torch is
 installed), or a Flax checkpoint (`config.json` + `flax_params/`). Written: the same folders,
 config first, each atomically (`livo_jax.files.atomic_folder`), so that
@@ -19,49 +20,57 @@ from flax import nnx
 from livo_jax import files
 from livo_jax import hf_config
 from livo_jax.models import AutoencoderKL, CLIPModel, CLIPTextModel, UNet2DConditionModel
+from livo_jax.weights import hub
 from livo_jax.weights import kinds
 from livo_jax.weights import layout
 from livo_jax.weights import tensors as tensor_files
+from livo_jax.weights.hub import ModelRef
 from livo_jax.weights.kinds import ModelKind
 
 CONFIG_NAME = "config.json"
 
 
-def read_config(folder: str) -> dict[str, Any]:
-  return files.read_json_object(os.path.join(folder, CONFIG_NAME),
+def read_config(model: str | ModelRef) -> dict[str, Any]:
+  return files.read_json_object(hub.file_in(model, CONFIG_NAME),
                                 missing_hint=" (not a model folder?)")
 
 
-def kind_of_folder(folder: str) -> ModelKind:
+def kind_of_folder(model: str | ModelRef) -> ModelKind:
   """Which model a component folder (torch or Flax) holds, from its config.json."""
-  return kinds.kind_of_config(read_config(folder), os.path.join(folder, CONFIG_NAME))
+  path = hub.file_in(model, CONFIG_NAME)
+  return kinds.kind_of_config(files.read_json_object(path, missing_hint=" (not a model folder?)"),
+                              path)
 
 
 def weights_files(folder: str, kind: ModelKind, variant: str | None = None) -> list[str]:
   return tensor_files.weights_files(folder, kind.weights_name, kind.bin_name, variant)
 
 
-def load_model(folder: str, kind: ModelKind | None = None, *, dtype=jnp.float32,
+def load_model(model: str | ModelRef, kind: ModelKind | None = None, *, dtype=jnp.float32,
                param_dtype=None, variant: str | None = None, **model_kwargs) -> nnx.Module:
-  """Builds a Flax model from a torch or Flax component folder.
+  """Builds a Flax model from a torch or Flax component folder, or a Hub repo's.
 
   Args:
-    folder: HF/diffusers component folder, or a Flax checkpoint from `save_flax`.
+    model: HF/diffusers component folder, a Flax checkpoint from `save_flax`, a Hub repo id,
+      or a `ModelRef` (with subfolder, revision, variant).
     kind: which model; read from config.json when None.
     dtype: compute dtype.
     param_dtype: storage dtype of the parameters; None keeps the file's dtypes.
-    variant: torch weights variant, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
+    variant: torch weights variant, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`
+      (or the ModelRef's).
     **model_kwargs: passed to the model constructor (`remat`, `attention_impl`).
   """
+  ref = hub.as_ref(model, variant=variant)
+  folder = hub.component_folder(ref, kind)
   kind = kind or kind_of_folder(folder)
-  model = _abstract_model(folder, kind, dtype=dtype, **model_kwargs)
-  weights = read_weights(folder, kind, variant)
+  net = _abstract_model(folder, kind, dtype=dtype, **model_kwargs)
+  weights = read_weights(folder, kind, ref.variant)
   if weights.is_flax:
-    layout.fill_from_checkpoint(model, weights.tensors, weights.source, dtype=param_dtype)
+    layout.fill_from_checkpoint(net, weights.tensors, weights.source, dtype=param_dtype)
   else:
-    layout.fill_from_torch(model, kind.normalise_keys(weights.tensors), weights.source,
+    layout.fill_from_torch(net, kind.normalise_keys(weights.tensors), weights.source,
                            dtype=param_dtype)
-  return model
+  return net
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,24 +105,24 @@ def _abstract_model(folder: str, kind: ModelKind, **model_kwargs) -> nnx.Module:
   return nnx.eval_shape(lambda: kind.model_class(config, rngs=nnx.Rngs(0), **model_kwargs))
 
 
-def load_clip_text(folder: str, dtype=jnp.float32, **kwargs) -> CLIPTextModel:
+def load_clip_text(model: str | ModelRef, dtype=jnp.float32, **kwargs) -> CLIPTextModel:
   """An HF `CLIPTextModel` folder: `m(input_ids) -> (last_hidden_state, pooled)`."""
-  return load_model(folder, kinds.CLIP_TEXT, dtype=dtype, **kwargs)
+  return load_model(model, kinds.CLIP_TEXT, dtype=dtype, **kwargs)
 
 
-def load_clip(folder: str, dtype=jnp.float32, **kwargs) -> CLIPModel:
+def load_clip(model: str | ModelRef, dtype=jnp.float32, **kwargs) -> CLIPModel:
   """An HF `CLIPModel` folder: `m(input_ids, pixel_values) -> logits_per_image`."""
-  return load_model(folder, kinds.CLIP, dtype=dtype, **kwargs)
+  return load_model(model, kinds.CLIP, dtype=dtype, **kwargs)
 
 
-def load_unet(folder: str, dtype=jnp.float32, **kwargs) -> UNet2DConditionModel:
+def load_unet(model: str | ModelRef, dtype=jnp.float32, **kwargs) -> UNet2DConditionModel:
   """A diffusers `UNet2DConditionModel` folder: `unet(latents, t, context)`."""
-  return load_model(folder, kinds.UNET, dtype=dtype, **kwargs)
+  return load_model(model, kinds.UNET, dtype=dtype, **kwargs)
 
 
-def load_vae(folder: str, dtype=jnp.float32, **kwargs) -> AutoencoderKL:
+def load_vae(model: str | ModelRef, dtype=jnp.float32, **kwargs) -> AutoencoderKL:
   """A diffusers `AutoencoderKL` folder: `vae.encode(images)`, `vae.decode(latents)`."""
-  return load_model(folder, kinds.VAE, dtype=dtype, **kwargs)
+  return load_model(model, kinds.VAE, dtype=dtype, **kwargs)
 
 
 def export_config(model: nnx.Module, kind: ModelKind,

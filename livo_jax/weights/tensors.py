@@ -20,17 +20,26 @@ _ORBAX_TREE = "_METADATA"   # orbax's list of the leaves a checkpoint holds
 _TORCH_PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
 
 
-def weights_files(folder: str, weights_name: str, bin_name: str,
-                  variant: str | None = None) -> list[str]:
-  """The torch weights file(s) of a component folder, preferring safetensors.
+def weights_names(weights_name: str, bin_name: str,
+                  variant: str | None = None) -> tuple[str, str, str]:
+  """The file names a torch component may keep its weights in, in the order they are
+  preferred: one safetensors file, a shard index, a pickled `.bin`.
 
-  `weights_name`/`bin_name` are the file stems (`diffusion_pytorch_model`, `model`, ...);
-  `variant` picks e.g. `diffusion_pytorch_model.fp16.safetensors`.
+  `weights_name`/`bin_name` are the file stems (`diffusion_pytorch_model`, `model`, ...). A
+  `variant` ("fp16") goes where transformers and diffusers put it:
+  `model.fp16.safetensors`, `model.safetensors.index.fp16.json`, `pytorch_model.fp16.bin`.
   """
   suffix = f".{variant}" if variant else ""
-  single = os.path.join(folder, f"{weights_name}{suffix}.safetensors")
-  index = single + ".index.json"
-  binary = os.path.join(folder, f"{bin_name}{suffix}.bin")
+  return (f"{weights_name}{suffix}.safetensors",
+          f"{weights_name}.safetensors.index{suffix}.json", f"{bin_name}{suffix}.bin")
+
+
+def weights_files(folder: str, weights_name: str, bin_name: str,
+                  variant: str | None = None) -> list[str]:
+  """The torch weights file(s) of a component folder, preferring safetensors
+  (`weights_names`)."""
+  single, index, binary = (os.path.join(folder, name) for name in
+                           weights_names(weights_name, bin_name, variant))
   if os.path.isfile(single):
     return [single]
   if os.path.isfile(index):
