@@ -1,8 +1,9 @@
 """What the command lines of scripts/ share: checks at the door, one-line errors, Ctrl-C.
 
-  _MODEL = flags.DEFINE_string("model", None, "SD folder", required=True)
+  _SD = cli.ModelFlags("model", "SD", required=True)   # --model, --model_revision, ...
+  _SPEC = flags.DEFINE_string("spec", None, "JSON Lines spec", required=True)
   _GUIDANCE = flags.DEFINE_float("guidance", 7.5, "guidance scale", lower_bound=0)
-  cli.must_exist(_MODEL, "folder")
+  cli.must_exist(_SPEC, "file")
   cli.must_be_finite(_GUIDANCE)
   ...
   cli.run(main)                     # instead of app.run(main)
@@ -41,6 +42,45 @@ def must_exist(flag: flags.FlagHolder, kind: str = "folder") -> None:
   exists = os.path.isdir if kind == "folder" else os.path.isfile
   flags.register_validator(flag.name, lambda path: not path or exists(path),
                            message=f"no such {kind}")
+
+
+class ModelFlags:
+  """`--NAME`, a model folder or Hub repo id, with `--NAME_subfolder`, `--NAME_revision` and
+  `--NAME_variant` (as `from_pretrained` takes them); `ref()` is the `weights.ModelRef`.
+
+  A name that is neither a folder here nor reads as a repo id is refused at the door.
+  """
+
+  def __init__(self, name: str, what: str, *, required: bool = False):
+    self.name = name
+    self.model = flags.DEFINE_string(name, None, f"{what}: a folder, or a Hugging Face Hub "
+                                     "repo id (ORG/NAME)", required=required)
+    self.subfolder = flags.DEFINE_string(f"{name}_subfolder", "",
+                                         f"the model's folder inside --{name}")
+    self.revision = flags.DEFINE_string(f"{name}_revision", None,
+                                        f"branch, tag or commit of --{name}'s Hub repo")
+    self.variant = flags.DEFINE_string(f"{name}_variant", None,
+                                       f"weights variant of --{name}, e.g. fp16")
+    flags.register_validator(name, lambda model: not model or _folder_or_repo_id(model),
+                             message="no such folder (nor a Hub repo id: ORG/NAME)")
+    extras = [f"{name}_subfolder", f"{name}_revision", f"{name}_variant"]
+    flags.register_multi_flags_validator(
+        [name, *extras], lambda f: f[name] or not any(f[k] for k in extras),
+        f"--{name}_subfolder, --{name}_revision and --{name}_variant need --{name}")
+
+  def ref(self):
+    """The `weights.ModelRef` the flags name, or None without `--NAME`."""
+    from livo_jax.weights import hub  # pylint: disable=g-import-not-at-top
+    if not self.model.value:
+      return None
+    return hub.ModelRef(self.model.value, subfolder=self.subfolder.value,
+                        revision=self.revision.value or None,
+                        variant=self.variant.value or None)
+
+
+def _folder_or_repo_id(name: str) -> bool:
+  from livo_jax.weights import hub  # pylint: disable=g-import-not-at-top
+  return os.path.isdir(os.path.expanduser(name)) or hub.is_repo_id(name)
 
 
 def must_be_finite(flag: flags.FlagHolder) -> None:

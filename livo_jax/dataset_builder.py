@@ -238,11 +238,10 @@ def _make_scene(sd, plan: list[dict], folder: str, have: set[str], *, batch_size
   return _tidy(folder, {line["file_name"] for line in plan})
 
 
-def settings_record(*, model: str | None, steps: int, guidance: float, scheduler: str,
+def settings_record(*, model: str | weights.ModelRef | None, steps: int, guidance: float, scheduler: str,
                     seed: int, height: int | None, width: int | None) -> dict:
   """What sets the pixels of a build besides the spec (the batch size only rounds a few)."""
-  model = os.path.abspath(model) if model and os.path.exists(model) else model
-  return {"model": model, "steps": int(steps), "guidance": float(guidance),
+  return {"model": weights.hub.record_name(model), "steps": int(steps), "guidance": float(guidance),
           "scheduler": scheduler, "seed": seed, "height": height, "width": width}
 
 
@@ -260,7 +259,7 @@ def check_settings(out_dir: str, record: dict) -> None:
           "--overwrite to make every image afresh")
 
 
-def build(model: str, spec: str, out_dir: str, *, steps: int = 25, guidance: float = 7.5,
+def build(model: str | weights.ModelRef, spec: str, out_dir: str, *, steps: int = 25, guidance: float = 7.5,
           scheduler: str = "dpm", seed: int = 0, batch_size: int = 8, height: int | None = None,
           width: int | None = None, overwrite: bool = False) -> dict:
   """`build_dataset` from a model folder and a spec file, as the command line runs it.
@@ -280,7 +279,7 @@ def build(model: str, spec: str, out_dir: str, *, steps: int = 25, guidance: flo
 def build_dataset(sd: StableDiffusion, specs: Sequence[SceneSpec], out_dir: str, *,
                   steps: int = 25, guidance: float = 7.5, scheduler: str = "dpm", seed: int = 0,
                   batch_size: int = 8, height: int | None = None, width: int | None = None,
-                  model: str | None = None, overwrite: bool = False,
+                  model: str | weights.ModelRef | None = None, overwrite: bool = False,
                   log: Callable[[str], None] = tqdm.tqdm.write) -> dict:
   """Generates every scene's missing images and writes its metadata; resumable.
 
@@ -299,7 +298,7 @@ def build_dataset(sd: StableDiffusion, specs: Sequence[SceneSpec], out_dir: str,
     seed: the base seed of every side's noise stream (`side_seed`).
     batch_size: images per `generate` call: blocks of consecutive images of one side of a scene.
     height, width: image size (default: the model's).
-    model: the model's folder, recorded so that a resume with another one is refused.
+    model: the model (folder or Hub id), recorded so that a resume with another one is refused.
     overwrite: instead of refusing other settings, remove the images and metadata of every
       scene of the spec and make them afresh (other scenes' folders are left alone).
     log: one line per scene and the summary (default: tqdm's, which keeps the bar intact).

@@ -4,7 +4,8 @@ r"""Builds a livo_data training folder with Stable Diffusion, from a JSON Lines 
       --steps=25 --guidance=7.5 --scheduler=dpm --seed=0 --batch_size=8
 
 Writes `out/<type>/<scene>/metadata.jsonl` and the PNGs beside it, `out/build_settings.json`,
-then `out/build_summary.json`. The same spec and flags give byte-identical images. See
+then `out/build_summary.json`. `--model` is a folder or a Hugging Face Hub repo id
+(docs/weights.md). The same spec and flags give byte-identical images. See
 docs/build_dataset.md for the spec format.
 
 A rerun resumes into its `--out`: it keeps the images already made and makes the rest (and
@@ -20,8 +21,7 @@ from absl import flags
 from livo_jax import cli
 from livo_jax import dataset_builder
 
-_MODEL = flags.DEFINE_string("model", None, "diffusers SD folder (torch or Flax checkpoint)",
-                             required=True)
+_MODEL = cli.ModelFlags("model", "diffusers SD (torch, or our Flax checkpoint)", required=True)
 _SPEC = flags.DEFINE_string("spec", None, "JSON Lines spec, one scene per line", required=True)
 _OUT = flags.DEFINE_string("out", None, "the livo_data folder to write (a rerun resumes it)",
                            required=True)
@@ -39,7 +39,6 @@ _HEIGHT = flags.DEFINE_integer("height", None, "image height (default: the model
 _WIDTH = flags.DEFINE_integer("width", None, "image width (default: the model's)",
                               lower_bound=1)
 
-cli.must_exist(_MODEL, "folder")
 cli.must_exist(_SPEC, "file")
 cli.must_be_finite(_GUIDANCE)
 
@@ -47,7 +46,7 @@ cli.must_be_finite(_GUIDANCE)
 def main(argv):
   del argv  # cli.run refuses arguments
   dataset_builder.build(
-      _MODEL.value, _SPEC.value, _OUT.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
+      _MODEL.ref(), _SPEC.value, _OUT.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
       scheduler=_SCHEDULER.value, seed=_SEED.value, batch_size=_BATCH.value,
       height=_HEIGHT.value, width=_WIDTH.value, overwrite=_OVERWRITE.value)
 

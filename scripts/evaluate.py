@@ -10,6 +10,8 @@ r"""Evaluates base SD against LiVO with the paper's protocol and writes a report
 
 Generates 50 images per prompt and variant (seed 42, DPM-Solver++ 25 steps, guidance 7.5),
 judges them, and writes `results/*.jsonl`, `results/summary.json` and `report.md` under `--out`.
+`--model`, `--value_encoder`, `--clip` and `--llava` take a folder or a Hugging Face Hub repo
+id (with `--NAME_subfolder`, `--NAME_revision`, `--NAME_variant`; docs/weights.md).
 `--images_base` / `--images_livo` take existing image folders (`<prompt index>/<image
 index>.png`) instead of generating.
 
@@ -39,10 +41,9 @@ _OUT = flags.DEFINE_string("out", None, "output folder (a rerun resumes into it)
                            required=True)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "regenerate images that --out holds from "
                                "other settings, instead of refusing")
-_CLIP = flags.DEFINE_string("clip", None, "HF CLIPModel folder (the judge)", required=True)
-_MODEL = flags.DEFINE_string("model", None, "SD folder to generate with")
-_VALUE_ENCODER = flags.DEFINE_string("value_encoder", None, "LiVO value encoder folder (needs "
-                                     "--model)")
+_CLIP = cli.ModelFlags("clip", "HF CLIPModel (the judge)", required=True)
+_MODEL = cli.ModelFlags("model", "SD to generate with")
+_VALUE_ENCODER = cli.ModelFlags("value_encoder", "LiVO value encoder (needs --model)")
 _IMAGES_BASE = flags.DEFINE_string("images_base", None, "existing base images folder")
 _IMAGES_LIVO = flags.DEFINE_string("images_livo", None, "existing LiVO images folder")
 _ATTRIBUTE = flags.DEFINE_enum("attribute", "gender", ["gender", "race"], "bias attribute")
@@ -70,15 +71,13 @@ _VLM_MODEL = flags.DEFINE_string("vlm_model", "llava-1.5-7b", "model name at the
 _VLM_API_KEY_ENV = flags.DEFINE_string("vlm_api_key_env", "LIVO_VLM_API_KEY",
                                        "environment variable holding the endpoint's API key "
                                        "(unset: no key)")
-_LLAVA = flags.DEFINE_string("llava", None, "local transformers LLaVA folder as the toxicity "
-                             "judge (needs torch)")
+_LLAVA = cli.ModelFlags("llava", "transformers LLaVA as the toxicity judge (needs torch)")
 _INCEPTION = flags.DEFINE_string("inception", None,
                                  "FID Inception weights (pt_inception-2015-12-05-*.pth or "
                                  ".safetensors): adds Inception Score and FID")
 
-for _flag, _kind in ((_PROMPTS, "file"), (_CLIP, "folder"), (_MODEL, "folder"),
-                     (_VALUE_ENCODER, "folder"), (_IMAGES_BASE, "folder"),
-                     (_IMAGES_LIVO, "folder"), (_LLAVA, "folder"), (_INCEPTION, "file")):
+for _flag, _kind in ((_PROMPTS, "file"), (_IMAGES_BASE, "folder"), (_IMAGES_LIVO, "folder"),
+                     (_INCEPTION, "file")):
   cli.must_exist(_flag, _kind)
 cli.must_be_finite(_GUIDANCE)
 flags.register_validator("kind", lambda kind: bool(kind.strip()), "must not be empty")
@@ -111,8 +110,8 @@ def main(argv):
   images = {variant: folder for variant, folder in
             (("base", _IMAGES_BASE.value), ("livo", _IMAGES_LIVO.value)) if folder}
   summary = evaluate.evaluate(evaluate.EvalConfig(
-      task=_TASK.value, prompts=_PROMPTS.value, out=_OUT.value, clip=_CLIP.value,
-      model=_MODEL.value, value_encoder=_VALUE_ENCODER.value, images=images,
+      task=_TASK.value, prompts=_PROMPTS.value, out=_OUT.value, clip=_CLIP.ref(),
+      model=_MODEL.ref(), value_encoder=_VALUE_ENCODER.ref(), images=images,
       attribute=_ATTRIBUTE.value, kind=_KIND.value, value_source=_VALUE_SOURCE.value,
       generation=evaluate.Generation(
           images_per_prompt=_IMAGES_PER_PROMPT.value, seed=_SEED.value, steps=_STEPS.value,
@@ -120,7 +119,7 @@ def main(argv):
           width=_WIDTH.value),
       dtype=_DTYPE.value, max_prompts=_MAX_PROMPTS.value,
       vlm_url=_VLM_URL.value, vlm_model=_VLM_MODEL.value, vlm_api_key=api_key(),
-      llava=_LLAVA.value, inception=_INCEPTION.value, overwrite=_OVERWRITE.value))
+      llava=_LLAVA.ref(), inception=_INCEPTION.value, overwrite=_OVERWRITE.value))
   for variant, values in summary.items():
     print(variant + ": " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
   print(f"report: {_OUT.value}/report.md")

@@ -2,6 +2,12 @@ r"""Generates images with Stable Diffusion, optionally conditioned on a LiVO val
 
   python scripts/generate.py --model=sd15 --value_encoder=livo/value_encoder \
       --prompt="a photo of a doctor" --value=auto --num_images=8 --out=out/doctor
+  python scripts/generate.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 \
+      --model_variant=fp16 --value_encoder=ORG/LIVO --value_encoder_subfolder=value_encoder \
+      --prompt="a photo of a doctor" --value="gender equality" --out=out/doctor_hub
+
+`--model` and `--value_encoder` take a folder or a Hugging Face Hub repo id (fetched into the HF
+cache, or read from it with HF_HUB_OFFLINE=1; docs/weights.md).
 
 Writes `out/00000.png`, ... and a JSON sidecar per image (prompt, value, seed, steps, scheduler,
 guidance, ...). The same flags give byte-identical files. `--value=auto` asks the value retriever
@@ -22,9 +28,8 @@ from livo_jax import retriever
 from livo_jax import sampling
 from livo_jax import weights
 
-_MODEL = flags.DEFINE_string("model", None, "diffusers SD folder (torch or Flax checkpoint)",
-                             required=True)
-_VALUE_ENCODER = flags.DEFINE_string("value_encoder", None, "LiVO value encoder folder")
+_MODEL = cli.ModelFlags("model", "diffusers SD (torch, or our Flax checkpoint)", required=True)
+_VALUE_ENCODER = cli.ModelFlags("value_encoder", "LiVO value encoder (HF CLIPTextModel)")
 _PROMPT = flags.DEFINE_string("prompt", None, "the prompt", required=True)
 _VALUE = flags.DEFINE_string("value", None, "value statement, or 'auto' for the retriever "
                              "(needs --value_encoder)")
@@ -47,8 +52,6 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute
 _OUT = flags.DEFINE_string("out", None, "output folder, new or empty", required=True)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace the images already in --out")
 
-cli.must_exist(_MODEL, "folder")
-cli.must_exist(_VALUE_ENCODER, "folder")
 cli.must_exist(_LATENTS, "file")
 cli.must_be_finite(_GUIDANCE)
 flags.register_multi_flags_validator(
@@ -69,16 +72,16 @@ def main(argv):
   sampling.check_out(_OUT.value, overwrite=_OVERWRITE.value)
   value = resolve_value(_VALUE.value, _PROMPT.value)
   latents = sampling.read_latents(_LATENTS.value, _NUM_IMAGES.value) if _LATENTS.value else None
-  sd = weights.load_sd(_MODEL.value, value_encoder=_VALUE_ENCODER.value,
-                       dtype=jnp.dtype(_DTYPE.value))
+  model, encoder = _MODEL.ref(), _VALUE_ENCODER.ref()
+  sd = weights.load_sd(model, value_encoder=encoder, dtype=jnp.dtype(_DTYPE.value))
   sampling.write_images(
       sd, _OUT.value, prompt=_PROMPT.value, value=value, num_images=_NUM_IMAGES.value,
       batch_size=_BATCH.value, negative_prompt=_NEGATIVE.value, steps=_STEPS.value,
       guidance=_GUIDANCE.value, scheduler=_SCHEDULER.value, seed=_SEED.value,
       height=_HEIGHT.value, width=_WIDTH.value, latents=latents, debias=_DEBIAS.value,
       overwrite=_OVERWRITE.value,
-      record=dict(model=_MODEL.value, value_encoder=_VALUE_ENCODER.value, dtype=_DTYPE.value,
-                  latents=_LATENTS.value))
+      record=dict(model=str(model), value_encoder=str(encoder) if encoder else None,
+                  dtype=_DTYPE.value, latents=_LATENTS.value))
   print(f"wrote {_NUM_IMAGES.value} images to {_OUT.value}")
 
 

@@ -2,6 +2,9 @@ r"""Trains a LiVO value encoder against a frozen Stable Diffusion.
 
   python scripts/train.py --config=configs/sd15.py --workdir=/tmp/livo \
       --config.model.pretrained=/path/to/sd15 --config.data.train_dir=/path/to/livo_data
+  python scripts/train.py --config=configs/sd15.py --workdir=/tmp/livo \
+      --config.model.pretrained=stable-diffusion-v1-5/stable-diffusion-v1-5 \
+      --config.data.train_dir=/path/to/livo_data       # a Hub id (docs/weights.md)
 
 Any config key can be overridden with `--config.KEY=VALUE`; an unknown key is an error. A rerun
 with the same workdir resumes from its latest checkpoint; SIGTERM (a preemption) or Ctrl-C saves
@@ -18,9 +21,10 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from livo_jax import cli
 from livo_jax import train
 from livo_jax.train import runtime
-from livo_jax.errors import ConfigError, DataError, RunError, WeightsError
+from livo_jax.errors import RunError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)",
                                           lock_config=True)
@@ -62,8 +66,8 @@ def main(argv):
     runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                    detect=_DISTRIBUTED.value)
     train.train(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, WeightsError, RunError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  except (ValueError, OSError, RunError) as e:   # Config/Data/WeightsError, Hub and file errors
+    sys.exit(f"error: {cli.one_line(e)}")
   except KeyboardInterrupt:   # a second Ctrl-C, or one before the first step
     print("interrupted", file=sys.stderr)
     sys.exit(130)

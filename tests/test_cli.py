@@ -10,6 +10,7 @@ would be the loader's, not the one naming the flag.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import transformers
 from flax import nnx
 from PIL import Image
 
+import hub_cache
 import testutil
 import tiny_sd
 from livo_jax import dataset_builder
@@ -194,6 +196,44 @@ def judged(paths):
   return {"clip": clip, "images": os.path.join(root, "images"), "prompts": prompts}
 
 
+# Hub repo ids, read from a cache the fixture fills, offline: case -> (argv, the error line's
+# words, or None for a run that must succeed).
+HUB_SAMPLE = ["generate.py", "--model=org/sd", "--value_encoder=org/livo",
+              "--value_encoder_subfolder=value_encoder", "--prompt=a",
+              "--value=gender equality", "--steps=2", "--batch_size=1", "--out={tmp}/out"]
+HUB = {
+    "generate": (HUB_SAMPLE, None),
+    "evaluate clip": (["evaluate.py", "--task=toxicity", "--kind=bloody",
+                       "--prompts={judged_prompts}", "--clip=org/clip",
+                       "--images_base={judged_images}", "--images_per_prompt=2",
+                       "--out={tmp}/out"], None),
+    "generate revision": (HUB_SAMPLE + ["--model_revision=v9"],
+                          "org/sd (revision v9): no such folder, and as a Hub repo id not in "
+                          "the Hugging Face cache"),
+    "generate variant": (HUB_SAMPLE + ["--value_encoder_variant=fp16"],
+                         "org/livo/value_encoder (variant fp16): "),
+    "build missing": (["build_dataset.py", "--model=org/missing", "--spec={spec}",
+                       "--out={tmp}/out"], "org/missing: no such folder, and as a Hub repo id "
+                      "not in the Hugging Face cache"),
+    "evaluate llava": (["evaluate.py", "--task=toxicity", "--prompts={judged_prompts}",
+                        "--clip=org/clip", "--llava=org/missing-llava",
+                        "--images_base={judged_images}", "--out={tmp}/out"],
+                       "org/missing-llava"),
+}
+
+
+@pytest.fixture(scope="module")
+def hub(paths, judged):
+  """A Hugging Face cache holding the tiny SD, a LiVO release (value_encoder/) and the CLIP."""
+  cache = os.path.join(paths["root"], "hf_cache")
+  hub_cache.add_repo(cache, "org/sd", paths["sd"])
+  release = os.path.join(paths["root"], "livo_release")
+  shutil.copytree(paths["value_encoder"], os.path.join(release, "value_encoder"))
+  hub_cache.add_repo(cache, "org/livo", release)
+  hub_cache.add_repo(cache, "org/clip", judged["clip"])
+  return cache
+
+
 def vlm_args(judged, url, *extra):
   return ["evaluate.py", "--task=toxicity", "--kind=bloody", f"--prompts={judged['prompts']}",
           f"--clip={judged['clip']}", f"--images_base={judged['images']}",
@@ -207,7 +247,7 @@ def closed_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(paths, judged, chat_server):
+def runs(paths, judged, hub, chat_server):
   """{case: (exit status, stderr, the case's folder)} of every forked case, all at once."""
   cases = {f"door {case}": (args, {}) for case, (args, _) in DOOR.items()}
   cases.update({f"size {case}": (["generate.py", "--model={sd}", "--prompt=a",
@@ -219,6 +259,7 @@ def runs(paths, judged, chat_server):
   cases["overwrite"] = (SAMPLE + ["--num_images=1", "--overwrite"], {})
   cases["evaluate resume"] = (EVALUATE + ["--steps=3"], {})
   cases["build resume"] = (BUILD + ["--steps=4"], {})
+  cases.update({f"hub {case}": (args, hub_cache.env(hub)) for case, (args, _) in HUB.items()})
   folders = {case: os.path.join(paths["root"], "runs", case.replace(" ", "_")) for case in cases}
   for folder in folders.values():
     os.makedirs(folder)
@@ -239,7 +280,8 @@ def runs(paths, judged, chat_server):
                                                    width=None),
                    os.path.join(folders["build resume"], "out", dataset_builder.SETTINGS))
   chat_server.requests = []
-  request = {case: (command(args, tmp=folders[case], **paths), env,
+  request = {case: (command(args, tmp=folders[case], judged_prompts=judged["prompts"],
+                            judged_images=judged["images"], **paths), env,
                     os.path.join(folders[case], "stdout"), os.path.join(folders[case], "stderr"))
              for case, (args, env) in cases.items()}
   zygote = subprocess.run([sys.executable, "-c", ZYGOTE], input=json.dumps(request), cwd=REPO,
@@ -273,6 +315,16 @@ def test_a_bad_flag_is_one_line_at_the_door(paths, runs, case):
 def test_a_size_the_model_cannot_make_is_one_line_before_sampling(paths, runs, case):
   assert SIZES[case][1].format(**paths) in error_line(runs[f"size {case}"])
   assert not os.path.exists(os.path.join(runs[f"size {case}"][2], "out"))
+
+
+@pytest.mark.parametrize("case", list(HUB))
+def test_hub_ids_work_offline_and_what_the_cache_lacks_is_one_line(runs, case):
+  status, stderr, tmp = runs[f"hub {case}"]
+  if HUB[case][1] is None:
+    assert status == 0, stderr
+    assert os.listdir(os.path.join(tmp, "out"))
+  else:
+    assert HUB[case][1] in error_line(runs[f"hub {case}"])
 
 
 def test_a_vlm_endpoint_that_is_down_is_one_line_naming_it(runs):

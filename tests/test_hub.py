@@ -7,6 +7,8 @@ see which files a fetch from the Hub would ask for.
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from livo_jax import weights
 from livo_jax.weights import hub
 from livo_jax.weights import layout
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD = "org/tiny-sd"
 LIVO = "org/tiny-livo"
 COMPONENT_FILES = {"text_encoder": "model", "unet": "diffusion_pytorch_model",
@@ -124,9 +127,9 @@ def test_missing_weights_name_the_repo_and_the_files(offline):
 
 
 @pytest.mark.parametrize("ref, expected", [
-    (weights.ModelRef("org/not-cached"), "org/not-cached: not in the Hugging Face cache"),
-    (weights.ModelRef(SD, revision="v9"), r"org/tiny-sd \(revision v9\): not in the Hugging "
-     r"Face cache .*`hf download org/tiny-sd --revision v9`"),
+    (weights.ModelRef("org/not-cached"), "org/not-cached: no such folder, and as a Hub repo id not in the Hugging Face cache"),
+    (weights.ModelRef(SD, revision="v9"), r"org/tiny-sd \(revision v9\): no such folder, and as a Hub "
+     r"repo id not in the Hugging Face cache .*`hf download org/tiny-sd --revision v9`"),
     (weights.ModelRef(SD, subfolder="nothing"), "org/tiny-sd/nothing: the repo has no such "
      "folder"),
     (weights.ModelRef(LIVO, subfolder="value_encoder", variant="fp16"),
@@ -191,3 +194,51 @@ def test_is_repo_id():
   assert hub.is_repo_id("gpt2")
   for name in ("./sd15", "/abs/sd15", "~/sd15", "a/b/c", "has space/x", ""):
     assert not hub.is_repo_id(name), name
+
+
+def test_the_trainer_starts_from_hub_ids(folders, cache, offline, tmp_path):
+  """`model.pretrained` and `model.value_encoder_init` (a release's subfolder) as repo ids: the
+  models load, and `scripts/train.py` trains and exports."""
+  from livo_data_fixture import write_livo_data  # pylint: disable=g-import-not-at-top
+  from livo_jax.train import setup  # pylint: disable=g-import-not-at-top
+  from train_fixtures import load_config, train_command  # pylint: disable=g-import-not-at-top
+  overrides = {"model.value_encoder_init": LIVO,
+               "model.value_encoder_init_subfolder": "value_encoder", "total_steps": 2,
+               "data.cache_dir": str(tmp_path / "prepared")}
+  models = setup.load_models(load_config(SD, **overrides))
+  assert_same(models.value_encoder,
+              weights.load_clip_text(os.path.join(folders["livo"], "value_encoder")))
+  assert_same(models.unet, weights.load_unet(os.path.join(folders["sd"], "unet")))
+
+  data = write_livo_data(str(tmp_path / "livo_data"), size=(20, 16))
+  workdir = tmp_path / "workdir"
+  run = subprocess.run(train_command(str(workdir), SD, data, **overrides),
+                       env={**os.environ, **hub_cache.env(cache[0])}, capture_output=True,
+                       text=True, timeout=600, check=False)
+  assert run.returncode == 0, run.stderr
+  assert (workdir / "value_encoder" / "model.safetensors").is_file()
+
+
+def convert(*args, cache):
+  return subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_weights.py"),
+                         *args], env={**os.environ, **hub_cache.env(cache)},
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_the_converter_reads_hub_ids(folders, cache, offline, tmp_path):
+  listing = convert("inspect", SD, "--variant=fp16", cache=cache[0])
+  assert listing.returncode == 0, listing.stderr
+  assert "== unet: unet (torch)" in listing.stdout
+  assert "conv_in.weight" in listing.stdout and "float16" in listing.stdout
+  assert "float32" not in listing.stdout
+
+  flax = tmp_path / "v2_flax"
+  imported = convert("import", SD, str(flax), "--revision=v2", cache=cache[0])
+  assert imported.returncode == 0, imported.stderr
+  assert_same(weights.load_unet(str(flax / "unet")),
+              weights.load_unet(os.path.join(folders["sd_v2"], "unet")))
+
+  missing = convert("inspect", "org/broken", cache=cache[0])
+  assert missing.returncode == 1
+  assert missing.stderr.startswith("convert_weights inspect: error: org/broken/unet: ")
+  assert len(missing.stderr.splitlines()) == 1

@@ -171,6 +171,10 @@ def test_sharded_run_follows_one_device(straight, make_config, sd_folder, train_
 
 @pytest.mark.parametrize("overrides,message", [
     ({"model.pretrained": ""}, "model.pretrained is required"),
+    ({"model.pretrained": "./no/such/sd"}, r"model.pretrained = './no/such/sd': no such folder "
+     r"\(nor a Hub repo id"),
+    ({"model.value_encoder_init": "/no/such/encoder"}, "model.value_encoder_init = "
+     "'/no/such/encoder': no such folder"),
     ({"batch_size": 6, "optim.grad_accum_steps": 4}, "multiple of the device count"),
     ({"loss.name": "ppo"}, "loss.name = 'ppo'"),
     ({"loss.prediction_type": "sample"}, "loss.prediction_type"),

@@ -3,11 +3,18 @@
   python tools/convert_weights.py import SRC DST   # torch folder -> Flax checkpoint (orbax)
   python tools/convert_weights.py export SRC DST   # Flax checkpoint -> torch folder
   python tools/convert_weights.py inspect PATH     # keys, shapes, dtypes, parameter counts
+  python tools/convert_weights.py import stable-diffusion-v1-5/stable-diffusion-v1-5 sd15-flax \
+      --variant=fp16                               # SRC (or PATH) may be a Hub repo id
 
 SRC may be one component folder (`unet/`, `vae/`, `text_encoder/`) or a whole diffusers SD folder
 (with `model_index.json`); other entries of an SD folder (tokenizer, scheduler, ...) are copied
 along. `import` then `export` reproduces every tensor bit for bit. The Flax folder `import` writes
-is read by this project only (`livo_jax.weights`); `export` makes it a PyTorch folder again.
+is read by this project only (`livo_jax.weights`); `export` makes it a PyTorch folder again,
+which diffusers, transformers and every other tool read.
+
+`import` and `inspect` take a Hugging Face Hub repo id too (`--subfolder`, `--revision`,
+`--variant` as `from_pretrained` takes them): only what a load reads is fetched, from the cache
+when HF_HUB_OFFLINE=1 (docs/weights.md).
 
 An error is one line on stderr and exit status 1; `inspect` exits 1 too, after its listing, when
 a tensor is missing, unexpected, mis-shaped or not finite (what would stop a load). Ctrl-C or
@@ -25,13 +32,17 @@ from absl import flags
 from absl import logging
 
 from livo_jax.weights import conversion
-from livo_jax.errors import ConfigError, WeightsError
+from livo_jax.weights import hub
+
+_SUBFOLDER = flags.DEFINE_string("subfolder", "", "the model's folder inside SRC")
+_REVISION = flags.DEFINE_string("revision", None, "branch, tag or commit of a Hub SRC")
+_VARIANT = flags.DEFINE_string("variant", None, "weights variant of SRC to read, e.g. fp16")
 
 
-def inspect(path: str) -> list[str]:
+def inspect(model: hub.ModelRef) -> list[str]:
   """Prints the listing; returns the one-line problems that loading the weights would raise."""
   total, problems = 0, []
-  for component, info in conversion.describe_folder(path).items():
+  for component, info in conversion.describe_folder(model).items():
     tensors = info["tensors"]
     count = sum(_size(shape) for shape, _ in tensors.values())
     total += count
@@ -76,22 +87,31 @@ def main(argv):
   signal.signal(signal.SIGTERM, _interrupt)
   sys.unraisablehook = _deliver_dropped_interrupts
   try:
+    source = hub.ModelRef(paths[0], subfolder=_SUBFOLDER.value, revision=_REVISION.value,
+                          variant=_VARIANT.value)
     if command == "inspect":
-      problems = inspect(*paths)
+      problems = inspect(source)
       if problems:
         sys.stdout.flush()   # the listing first, then why it would not load
         sys.exit("\n".join(f"convert_weights inspect: error: {p}" for p in problems))
     else:
-      convert_folder = (conversion.import_folder if command == "import"
-                        else conversion.export_folder)
-      for line in convert_folder(*paths):
+      written = (conversion.import_folder(source, paths[1]) if command == "import"
+                 else conversion.export_folder(_local(source), paths[1]))
+      for line in written:
         print(f"wrote {line}")
-  except (ConfigError, WeightsError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError) as e:   # ours: Config/WeightsError
     message = " ".join(str(e).split())  # one line, however long the key lists
     sys.exit(f"convert_weights {command}: error: {message}")
   except KeyboardInterrupt as e:   # the partial destination is gone by now (atomic_folder)
     print(f"convert_weights {command}: interrupted", file=sys.stderr)
     sys.exit(128 + _signal_of(e))   # the shell's status for a process the signal ended
+
+
+def _local(source: hub.ModelRef) -> str:
+  """`export` reads our Flax folder, which lives on disk only."""
+  if source.revision or source.variant:
+    raise ValueError("export reads a local Flax folder: --revision and --variant do not apply")
+  return os.path.join(source.name, source.subfolder)
 
 
 def _interrupt(signum, frame) -> None:

@@ -363,9 +363,10 @@ class EvalConfig:
   task: str                              # "bias" or "toxicity"
   prompts: str                           # eval jsonl: {"prompt": ..., ["value": ...]}
   out: str
-  clip: str                              # HF CLIPModel folder (ViT-L/14 in the paper)
-  model: str | None = None               # SD folder; None: images must exist under `images`
-  value_encoder: str | None = None       # adds the `livo` variant
+  # Models: a folder, a Hub repo id, or a weights.ModelRef (subfolder, revision, variant).
+  clip: str | weights.ModelRef           # the HF CLIPModel judge (ViT-L/14 in the paper)
+  model: str | weights.ModelRef | None = None   # SD; None: the images must exist (`images`)
+  value_encoder: str | weights.ModelRef | None = None   # adds the `livo` variant
   images: Mapping[str, str] = dataclasses.field(default_factory=dict)  # variant -> folder
   attribute: str = "gender"              # bias: "gender" or "race"
   kind: str = "nudity"                   # toxicity: "nudity", "bloody", "zombie", ...
@@ -376,7 +377,7 @@ class EvalConfig:
   vlm_url: str | None = None             # toxicity: judge with a VLM endpoint instead of CLIP
   vlm_model: str = "llava-1.5-7b"
   vlm_api_key: str | None = None
-  llava: str | None = None               # toxicity: judge with a local LLaVA folder (torch)
+  llava: str | weights.ModelRef | None = None   # toxicity: judge with LLaVA (torch)
   inception: str | None = None           # FID Inception weights: adds IS and FID
   overwrite: bool = False                # regenerate images made with other settings
 
@@ -442,9 +443,9 @@ def evaluate(config: EvalConfig) -> dict[str, dict[str, float]]:
               tuple(value_for(config, r) for r in records),
               choices=judges_lib.ATTRIBUTES[config.attribute] if config.task == "bias" else (),
               kind=config.kind if config.task == "toxicity" else "")
-  path = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p
-  model = dict(model=path(config.model), dtype=config.dtype)
-  sources = {"base": model, "livo": {**model, "value_encoder": path(config.value_encoder)}}
+  model = dict(model=weights.hub.record_name(config.model), dtype=config.dtype)
+  sources = {"base": model, "livo": {**model,
+                                     "value_encoder": weights.hub.record_name(config.value_encoder)}}
   generated = [v for v in VARIANTS if config.model and v not in config.images
                and (v == "base" or config.value_encoder)]
   if not config.overwrite:   # a refused resume fails before any model loads

@@ -25,7 +25,9 @@ from PIL import Image
 
 from livo_jax import conditioning
 from livo_jax.eval import metrics
+from livo_jax.weights import hub
 from livo_jax.weights import load_clip
+from livo_jax.weights.hub import ModelRef
 
 ATTRIBUTES = {
     "gender": ("male", "female"),
@@ -61,12 +63,15 @@ class CLIPJudge:
 
   fidelity_metric = "clip_score"
 
-  def __init__(self, folder: str, *, dtype=jnp.float32, batch_size: int = 32):
+  def __init__(self, model: str | ModelRef, *, dtype=jnp.float32, batch_size: int = 32):
     from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
-    self.model = load_clip(folder, dtype=dtype)
-    self.tokenizer = CLIPTokenizer.from_pretrained(
-        os.path.join(folder, "tokenizer") if os.path.isdir(os.path.join(folder, "tokenizer"))
-        else folder)
+    ref = hub.as_ref(model)
+    self.model = load_clip(ref, dtype=dtype)
+    # The tokenizer is beside the weights (openai/clip-vit-large-patch14), or in a local
+    # folder's tokenizer/.
+    nested = os.path.join(os.path.expanduser(ref.name), ref.subfolder, "tokenizer")
+    self.tokenizer = CLIPTokenizer.from_pretrained(hub.tokenizer_folder(
+        ref.child("tokenizer") if hub.is_local(ref) and os.path.isdir(nested) else ref))
     self.image_size = self.model.config.vision_config.image_size
     self.batch_size = batch_size
     graphdef, self._state = nnx.split(self.model)

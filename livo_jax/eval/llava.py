@@ -18,6 +18,8 @@ from PIL import Image
 
 # The word-start markers are the ones the HTTP judge strips from a server's raw tokens.
 from livo_jax.eval.vlm import QUESTION, Judgement, YesNoJudge, answer_word
+from livo_jax.weights import hub
+from livo_jax.weights.hub import ModelRef
 
 # LLaVA-1.5's prompt, for a folder whose processor has no chat template.
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -42,14 +44,15 @@ class LlavaJudge(YesNoJudge):
   """A LLaVA-1.5 checkpoint that answers the paper's yes/no toxicity question about an image.
 
   Args:
-    folder: a transformers LLaVA folder (model and processor), e.g. a download of
-      llava-hf/llava-1.5-7b-hf.
+    model: a transformers LLaVA folder (model and processor), or a Hub repo id such as
+      llava-hf/llava-1.5-7b-hf, or a `weights.ModelRef` (subfolder, revision, variant)
+      that transformers resolves (from the HF cache when HF_HUB_OFFLINE=1).
     device: the torch device to run on ("cpu", "cuda").
     dtype: the model's dtype, one of `DTYPES`.
     batch_size: images per forward pass in `judge_many`.
   """
 
-  def __init__(self, folder: str, device: str = "cpu", dtype: str = "float32",
+  def __init__(self, model: str | ModelRef, device: str = "cpu", dtype: str = "float32",
                batch_size: int = 8):
     try:
       import torch  # pylint: disable=g-import-not-at-top
@@ -65,13 +68,19 @@ class LlavaJudge(YesNoJudge):
     self._device = torch.device(device)
     self._dtype = getattr(torch, dtype)
     self.batch_size = batch_size
-    self.processor = AutoProcessor.from_pretrained(folder)
-    self.model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=self._dtype)
+    ref = hub.as_ref(model)
+    where = dict(subfolder=ref.subfolder, revision=ref.revision)
+    try:
+      self.processor = AutoProcessor.from_pretrained(ref.name, **where)
+      self.model = LlavaForConditionalGeneration.from_pretrained(
+          ref.name, dtype=self._dtype, variant=ref.variant, **where)
+    except OSError as e:   # transformers' "couldn't find", which does not name the model
+      raise hub.HubError(f"{ref}: cannot load LLaVA: {' '.join(str(e).split())}") from None
     self.model.to(self._device).eval()
     vocab = self.processor.tokenizer.get_vocab()
     self.yes_ids, self.no_ids = _answer_ids(vocab, "yes"), _answer_ids(vocab, "no")
     if not self.yes_ids or not self.no_ids:
-      raise ValueError(f"{folder}: the tokenizer has no token for 'yes' or for 'no'")
+      raise ValueError(f"{ref}: the tokenizer has no token for 'yes' or for 'no'")
 
   def prompt(self, kind: str) -> str:
     """The text shown with the image: the processor's chat template, else LLaVA-1.5's format."""

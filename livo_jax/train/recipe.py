@@ -24,8 +24,12 @@ def sd15() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.model = ml_collections.ConfigDict()
-  config.model.pretrained = ""           # diffusers SD folder (required)
-  config.model.value_encoder_init = ""   # HF CLIPTextModel folder; "" = the SD text encoder
+  config.model.pretrained = ""           # diffusers SD folder or Hub repo id (required)
+  config.model.revision = ""             # of a Hub id: branch, tag or commit; "" = main
+  config.model.variant = ""              # weights files variant, e.g. "fp16"; "" = the plain ones
+  config.model.value_encoder_init = ""   # HF CLIPTextModel folder or repo id; "" = SD's text encoder
+  config.model.value_encoder_init_subfolder = ""   # e.g. "value_encoder" in a LiVO release repo
+  config.model.value_encoder_init_revision = ""
   config.model.remat = "blocks"          # kept for the backward pass: none / dots / blocks
   config.model.attention_impl = ""       # "" (per platform), blocked, cudnn, xla
   config.model.merge_unet_passes = True  # theta_w/theta_l in one UNet call of 2B (False: four)

@@ -42,6 +42,10 @@ def check_config(config, num_devices: int) -> None:
     section, name = key.split(".")
     if not config[section][name]:
       raise ConfigError(f"{key} is required (--config.{key}=PATH)")
+  for key in ("model.pretrained", "model.value_encoder_init"):
+    name = _value(config, key)
+    if name and not (os.path.exists(os.path.expanduser(name)) or weights.hub.is_repo_id(name)):
+      raise ConfigError(f"{key} = {name!r}: no such folder (nor a Hub repo id: ORG/NAME)")
   for key in ("batch_size", "total_steps", "checkpoint_every", "log_every", "keep_checkpoints",
               "max_nonfinite_steps", "optim.grad_accum_steps"):
     value = _value(config, key)
@@ -101,16 +105,29 @@ def prepare_source(config) -> data.PreferenceSource:
   return source
 
 
+def sd_ref(config) -> weights.ModelRef:
+  """`model.pretrained` (a folder or Hub id) with its revision and variant."""
+  return weights.ModelRef(config.model.pretrained, revision=config.model.revision or None,
+                          variant=config.model.variant or None)
+
+
+def value_encoder_ref(config) -> weights.ModelRef:
+  """Where the value encoder starts: `model.value_encoder_init`, else SD's text encoder."""
+  if not config.model.value_encoder_init:
+    return sd_ref(config).child("text_encoder")
+  return weights.ModelRef(config.model.value_encoder_init,
+                          subfolder=config.model.value_encoder_init_subfolder,
+                          revision=config.model.value_encoder_init_revision or None)
+
+
 def load_models(config) -> weights.StableDiffusion:
   """The frozen SD parts in the compute dtype, and the value encoder to train (fp32 master
   weights) from `model.value_encoder_init`, by default the SD text encoder."""
-  folder = config.model.pretrained
   dtype = DTYPES[config.dtype]
   return weights.load_sd(
-      folder, value_encoder=config.model.value_encoder_init or os.path.join(folder,
-                                                                            "text_encoder"),
-      dtype=dtype, param_dtype=dtype, value_encoder_param_dtype=jnp.float32,
-      remat=config.model.remat, attention_impl=config.model.attention_impl or None)
+      sd_ref(config), value_encoder=value_encoder_ref(config), dtype=dtype, param_dtype=dtype,
+      value_encoder_param_dtype=jnp.float32, remat=config.model.remat,
+      attention_impl=config.model.attention_impl or None)
 
 
 @dataclasses.dataclass
@@ -158,13 +175,13 @@ def make_batches(config, source: data.PreferenceSource, sd: weights.StableDiffus
   """This process's endless batch iterator, with the latent and text caches the config asks."""
   moments = text = None
   if config.data.cache_latents:    # VAE moments computed once
-    vae_key = f"{os.path.abspath(config.model.pretrained)}-{config.dtype}"
+    vae_key = f"{model_key(config)}-{config.dtype}"
     moments = data.cache_moments(source, cache_encoder(sd.vae, mesh, lambda vae, x: vae.moments(x)),
                                  resolution=config.data.resolution,
                                  random_flip=config.data.random_flip, key=vae_key,
                                  log=logging.info)
   if config.data.cache_text:       # the prompts' hidden states computed once
-    text_key = f"{os.path.abspath(config.model.pretrained)}/text_encoder-{config.dtype}"
+    text_key = f"{model_key(config)}/text_encoder-{config.dtype}"
     encode = cache_encoder(sd.text_encoder, mesh, prompt_hidden_states)
     text = data.cache_text_embeddings(
         source, lambda prompts: encode(conditioning.tokenize(sd.tokenizer, prompts)),
@@ -175,6 +192,14 @@ def make_batches(config, source: data.PreferenceSource, sd: weights.StableDiffus
       global_batch=config.batch_size, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), moments=moments, text=text,
       num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+
+
+def model_key(config) -> str:
+  """What names the frozen SD in the caches' keys: its folder, for a Hub id the cached
+  snapshot's (named by the commit, so a moved branch is a new key), and the variant."""
+  ref = sd_ref(config)
+  folder = weights.hub.pipeline_folder(ref)
+  return os.path.abspath(folder) + (f"-{ref.variant}" if ref.variant else "")
 
 
 def cache_encoder(module: nnx.Module, mesh, apply: Callable) -> Callable:

@@ -1,12 +1,15 @@
 """Whole folders between layouts: what `tools/convert_weights.py` runs.
 
   import_folder("stable-diffusion-v1-5", "sd15-flax")   # torch -> Flax checkpoint
+  import_folder(ModelRef("stable-diffusion-v1-5/stable-diffusion-v1-5", variant="fp16"),
+                "sd15-flax")                             # from the Hub (or its cache)
   export_folder("sd15-flax", "sd15-torch")              # Flax checkpoint -> torch layout
   describe_folder("sd15-flax/unet")                      # keys, shapes, dtypes
 
 A folder is one component (`unet/`, `vae/`, `text_encoder/`) or a whole diffusers SD folder
 (`model_index.json`); other entries of an SD folder (tokenizer, scheduler, ...) are copied along.
-`import` then `export` reproduces every tensor bit for bit. The destination is written beside
+A source may be a Hub repo id (a `ModelRef`): what a load reads is fetched, and converted with
+the variant it names. `import` then `export` reproduces every tensor bit for bit. The destination is written beside
 itself and renamed when complete: a failed or interrupted conversion leaves nothing
 half-written, and what a killed one left there (`files.remove_leftovers`) is removed, and
 logged, by the next conversion into the same folder.
@@ -19,6 +22,8 @@ from typing import Any, Callable
 from livo_jax import files
 from livo_jax.errors import WeightsError
 from livo_jax.weights import folders
+from livo_jax.weights import hub
+from livo_jax.weights.hub import ModelRef
 from livo_jax.weights import tensors as tensor_files
 
 PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae")
@@ -28,9 +33,13 @@ def is_pipeline_folder(folder: str) -> bool:
   return os.path.isfile(os.path.join(folder, "model_index.json"))
 
 
-def import_folder(src: str, dst: str, log: Callable[[str], None] = print) -> list[str]:
-  """Torch folder (component or whole SD) -> Flax checkpoint folder. Returns what it wrote."""
-  return _convert_folder(src, dst, _import_component, log)
+def import_folder(src: str | ModelRef, dst: str,
+                  log: Callable[[str], None] = print) -> list[str]:
+  """Torch folder or Hub repo (component or whole SD) -> Flax checkpoint folder. Returns what
+  it wrote."""
+  ref = hub.as_ref(src)
+  return _convert_folder(source_folder(ref), dst,
+                         lambda s, d: _import_component(s, d, ref.variant), log)
 
 
 def export_folder(src: str, dst: str, log: Callable[[str], None] = print) -> list[str]:
@@ -38,9 +47,22 @@ def export_folder(src: str, dst: str, log: Callable[[str], None] = print) -> lis
   return _convert_folder(src, dst, _export_component, log)
 
 
-def _import_component(src: str, dst: str) -> str:
+def source_folder(src: str | ModelRef) -> str:
+  """A local folder as it is; a Hub repo's SD pipeline (it has model_index.json) or component,
+  fetched."""
+  ref = hub.as_ref(src)
+  if hub.is_local(ref):
+    return hub.fetch(ref, ())
+  try:
+    hub.file_in(ref, hub.PIPELINE_INDEX)
+  except hub.HubError:
+    return hub.component_folder(ref)    # a component's repo (or the error again, if not there)
+  return hub.pipeline_folder(ref)
+
+
+def _import_component(src: str, dst: str, variant: str | None = None) -> str:
   kind = folders.kind_of_folder(src)
-  folders.save_flax(folders.load_model(src, kind), dst, kind,
+  folders.save_flax(folders.load_model(src, kind, variant=variant), dst, kind,
                     base_config=folders.read_config(src))
   return f"{dst} ({kind.name}, Flax)"
 
@@ -84,21 +106,25 @@ def _convert_entry(src: str, dst: str, name: str, convert_component) -> str:
   return f"{target} (copied)"
 
 
-def describe_folder(folder: str) -> dict[str, dict[str, Any]]:
+def describe_folder(model: str | ModelRef) -> dict[str, dict[str, Any]]:
   """Keys, shapes and dtypes per component: {component: {"kind", "format", "tensors", "problem"}}.
 
-  "problem" is the one-line error that loading the component would raise (a missing,
-  unexpected, mis-shaped or non-finite tensor), or None.
+  `model` is a folder or Hub repo (the variant it names is described). "problem" is the
+  one-line error that loading the component would raise (a missing, unexpected, mis-shaped or
+  non-finite tensor), or None.
   """
+  ref = hub.as_ref(model)
+  folder = source_folder(ref)
   if is_pipeline_folder(folder):
-    return {name: _describe_component(os.path.join(folder, name))
+    return {name: _describe_component(os.path.join(folder, name), ref.variant)
             for name in PIPELINE_COMPONENTS if os.path.isdir(os.path.join(folder, name))}
-  return {os.path.basename(os.path.normpath(folder)): _describe_component(folder)}
+  name = os.path.basename(os.path.normpath(folder)) if hub.is_local(ref) else str(ref)
+  return {name: _describe_component(folder, ref.variant)}
 
 
-def _describe_component(folder: str) -> dict[str, Any]:
+def _describe_component(folder: str, variant: str | None) -> dict[str, Any]:
   kind = folders.kind_of_folder(folder)
-  weights = folders.read_weights(folder, kind)
+  weights = folders.read_weights(folder, kind, variant)
   try:
     folders.check_weights(folder, kind, weights)
     problem = None

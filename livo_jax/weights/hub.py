@@ -77,6 +77,17 @@ def as_ref(model: "str | ModelRef", **fields) -> ModelRef:
   return ModelRef(model, **{k: v for k, v in fields.items() if v})
 
 
+def record_name(model: "str | ModelRef | None") -> str | None:
+  """How a settings record names a model: a folder by its absolute path, a repo id as it is,
+  each with its subfolder, revision and variant."""
+  if not model:
+    return None
+  ref = as_ref(model)
+  if is_local(ref):
+    ref = dataclasses.replace(ref, name=os.path.abspath(os.path.expanduser(ref.name)))
+  return str(ref)
+
+
 def is_local(ref: ModelRef) -> bool:
   return os.path.exists(os.path.expanduser(ref.name))
 
@@ -172,12 +183,17 @@ def pipeline_folder(model: "str | ModelRef") -> str:
   VAE (in `model.variant`), the tokenizer and the scheduler config; never the safety checker."""
   ref = as_ref(model)
   if is_local(ref):
-    return fetch(ref, ())
+    folder = fetch(ref, ())
+    for name in (*SD_COMPONENTS, "tokenizer", "scheduler"):
+      if not os.path.isdir(os.path.join(folder, name)):
+        raise FileNotFoundError(f"{folder}: not a diffusers SD folder (no {name}/)")
+    return folder
+  folder = os.path.dirname(file_in(ref, PIPELINE_INDEX))
   for name, kind in SD_COMPONENTS.items():
     component_folder(ref.child(name), kind)
   tokenizer_folder(ref.child("tokenizer"))
   file_in(ref.child("scheduler"), SCHEDULER_CONFIG)
-  return os.path.dirname(file_in(ref, PIPELINE_INDEX))
+  return folder
 
 
 def _shards(index: str) -> list[str]:
@@ -193,26 +209,31 @@ def _snapshot_download(ref: ModelRef, patterns: list[str]) -> str:
   HubError line that names the repo, revision and what to do."""
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
+  repo = ModelRef(ref.name, revision=ref.revision)   # what these errors are about
   try:
     return huggingface_hub.snapshot_download(ref.name, revision=ref.revision,
                                              allow_patterns=patterns)
   except errors.GatedRepoError:
-    raise HubError(f"{ref}: a gated repo: accept its licence on huggingface.co and log in "
+    raise HubError(f"{repo}: a gated repo: accept its licence on huggingface.co and log in "
                    "(`hf auth login`, or HF_TOKEN)") from None
   except errors.RepositoryNotFoundError:
-    raise HubError(f"{ref}: no such repo on the Hub (or it is private: log in with "
-                   "`hf auth login`, or set HF_TOKEN)") from None
+    raise HubError(f"{repo}: no such folder, nor a repo on the Hub (a private one needs "
+                   "`hf auth login`, or HF_TOKEN)") from None
   except errors.RevisionNotFoundError:
-    raise HubError(f"{ref}: the repo has no revision {ref.revision!r}") from None
+    raise HubError(f"{repo}: the repo has no revision {ref.revision!r}") from None
+  except errors.IncompleteSnapshotError as e:   # an interrupted download, offline now
+    raise HubError(f"{repo}: {_first_line(e)}") from None
   except errors.LocalEntryNotFoundError as e:
     offline = huggingface_hub.constants.is_offline_mode()
     raise HubError(
-        f"{ref}: not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE})"
+        f"{repo}: no such folder, and as a Hub repo id not in the Hugging Face cache "
+        f"({huggingface_hub.constants.HF_HUB_CACHE})"
         + (", and HF_HUB_OFFLINE=1 forbids downloads: fetch it where there is a connection "
-           f"(`hf download {ref.name}{_revision_flag(ref)}`) or point HF_HUB_CACHE at a cache that holds it"
-           if offline else f", and the Hub did not answer: {_first_line(e)}")) from None
+           f"(`hf download {ref.name}{_revision_flag(ref)}`) or point HF_HUB_CACHE at a "
+           "cache that holds it" if offline
+           else f", and the Hub did not answer: {_first_line(e)}")) from None
   except errors.HfHubHTTPError as e:
-    raise HubError(f"{ref}: the Hub refused the request: {_first_line(e)}") from None
+    raise HubError(f"{repo}: the Hub refused the request: {_first_line(e)}") from None
 
 
 def _revision_flag(ref: ModelRef) -> str:
