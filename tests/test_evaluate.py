@@ -174,3 +174,44 @@ def test_evaluate_toxicity_with_a_local_llava(folders, tmp_path):
   assert row["toxic"] == expected
   assert summary["base"]["toxicity_ratio"] == pytest.approx(sum(expected) / 3)
   assert "LLaVA" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_judge_failure_keeps_the_verdicts_and_the_rerun_goes_on(chat_server, tmp_path):
+  """A VLM that fails after the first prompt: the error names the second prompt's folder; the
+  rerun asks only about the images not judged, and judges again only images that changed."""
+  from fake_chat import chat_reply  # pylint: disable=g-import-not-at-top
+  from livo_jax.eval.vlm import JudgeError, VLMJudge  # pylint: disable=g-import-not-at-top
+  images = tmp_path / "given"
+  for p in range(2):
+    (images / f"{p:04d}").mkdir(parents=True)
+    for i, image in enumerate(random_images(2, seed=10 + p)):
+      Image.fromarray(image).save(images / f"{p:04d}" / f"{i:02d}.png")
+  task = evaluate.Task("toxicity", ("a knife", "a sword"), (None, None), kind="bloody")
+  judge = VLMJudge(f"http://127.0.0.1:{chat_server.server_address[1]}/v1", "llava",
+                   retries=0)
+  vlm = evaluate.Judges(toxicity=judge, description="VLM llava")
+  generation = evaluate.Generation(images_per_prompt=2)
+  out = str(tmp_path / "out")
+
+  def run(replies):
+    chat_server.requests, chat_server.replies = [], [(200, chat_reply(r), 0) if r else (
+        500, "{}", 0) for r in replies]
+    return evaluate.run([task], vlm, out, image_folders={"base": str(images)},
+                        generation=generation)
+
+  with pytest.raises(JudgeError, match=r"given/0001 \(prompt 'a sword'\): image 0: VLM judge "
+                     r"at .*HTTP 500.*the 1 prompts judged so far are kept in .*base\.jsonl"):
+    run(["yes", "no", None])
+  assert len(chat_server.requests) == 3
+  summary = run(["no"])
+  assert len(chat_server.requests) == 2       # the second prompt's two images only
+  rows = [json.loads(line) for line in open(os.path.join(out, "results",
+                                                          "base_toxicity.jsonl"))]
+  assert [row["toxic"] for row in rows] == [[True, False], [False, False]]
+  assert summary["base"]["toxicity_ratio"] == pytest.approx(0.25)
+
+  Image.fromarray(random_images(1, seed=99)[0]).save(images / "0000" / "01.png")
+  run(["no"])
+  assert len(chat_server.requests) == 2       # the first prompt again: an image changed
+  run(["no"])
+  assert not chat_server.requests             # nothing new: every verdict is kept

@@ -19,12 +19,16 @@ Layout under `out`: `images/<variant>/<prompt index>/<image index>.png` (kept be
 rerun only generates what is missing; prompt indices run over the tasks in order) and
 `images/<variant>/settings.json` (what made them: a rerun with other settings is refused, but
 prompts may be added or left out at the end; `overwrite` starts the variant afresh),
-`manifest.jsonl` (one line per judged image: file, task, prompt, model, value, seed, verdicts),
+`judgements/<variant>.jsonl` (each prompt's verdicts as soon as they are given, keyed by the
+judges and the images' bytes: a rerun after a judge failed - a VLM endpoint down after its
+retries - judges only what is not there yet), `manifest.jsonl` (one line per judged image:
+file, task, prompt, model, value, seed, verdicts),
 `results/<variant>_<task>.jsonl` (one line per prompt), `results/summary.json`, `grid.png` and
 `report.md`. `evaluate(EvalConfig)` is the command line's run of one task.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -42,12 +46,14 @@ from livo_jax import weights
 from livo_jax.eval import judges as judges_lib
 from livo_jax.eval import metrics
 from livo_jax.eval import report
+from livo_jax.eval.vlm import JudgeError
 
 TASKS = ("bias", "toxicity")
 VARIANTS = ("base", "livo")
 TRUTH_VALUES = {"gender": "gender equality", "race": "racial equality"}
 GRID_PROMPTS = 4   # prompts of each task shown in the grid
 RECORD = "settings.json"   # in each generated variant's folder
+JUDGEMENTS = "judgements"  # out/judgements/<variant>.jsonl: verdicts kept for a rerun
 LOWER_IS_BETTER = {"d1": True, "d2": True, "toxicity_ratio": True, "clip_score": False,
                    "shape_accuracy": False, "inception_score": False, "fid_vs_base": True}
 
@@ -162,17 +168,67 @@ def task_summary(task: Task, rows: list[dict]) -> dict:
               d2=float(np.mean([r["d2"] for r in rows])), **shares)
 
 
+class JudgementStore:
+  """Each prompt's verdicts, appended to a JSON Lines file as soon as they are given.
+
+  A line is keyed by what decides the verdicts: the judges' description, the task (its kind or
+  choices), the prompt and the sha256 of every image file. A rerun reuses a line whose key
+  matches, so regenerated images or another judge are judged afresh; a torn last line (a kill
+  mid-write) is ignored.
+  """
+
+  def __init__(self, path: str, judges_description: str):
+    self.path, self.judges = path, judges_description
+    self.known = {}
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        for line in f:
+          try:
+            entry = json.loads(line)
+            self.known[entry["key"]] = entry["verdicts"]
+          except (ValueError, KeyError, TypeError):
+            continue
+
+  def key(self, task: Task, prompt: str, paths: Sequence[str]) -> str:
+    digests = []
+    for path in paths:
+      with open(path, "rb") as f:
+        digests.append(hashlib.sha256(f.read()).hexdigest())
+    what = [self.judges, task.name, task.kind, list(task.choices), prompt, digests]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+  def add(self, key: str, prompt: str, verdicts: dict) -> None:
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(files.json_text({"key": key, "prompt": prompt, "verdicts": verdicts}) + "\n")
+    self.known[key] = verdicts
+
+
 def judge_variant(tasks: Sequence[Task], variant: str, folder: str, judges: Judges,
                   generation: Generation, out: str) -> tuple[dict, list[dict], dict]:
-  """Judges one variant's images: (summary metrics, manifest lines, grid images per prompt)."""
+  """Judges one variant's images: (summary metrics, manifest lines, grid images per prompt).
+
+  Verdicts already in `out/judgements/<variant>.jsonl` for the same judges and images are
+  reused; a judge failure (`JudgeError`) names the prompt's folder and keeps the rest.
+  """
   n = generation.images_per_prompt
   summary, manifest, shown, fidelity, pool, logits = {}, [], {}, [], [], []
   rows = {task.name: [] for task in tasks}
+  store = JudgementStore(os.path.join(out, JUDGEMENTS, f"{variant}.jsonl"), judges.description)
   for task, p, prompt, value in tqdm.tqdm(list(_prompt_rows(tasks)), desc=f"judge {variant}",
                                           unit="prompt"):
     paths = image_paths(folder, p, n)
     images = load_images(paths)
-    verdicts = judge_prompt(task, prompt, images, judges)
+    key = store.key(task, prompt, paths)
+    verdicts = store.known.get(key)
+    if verdicts is None:
+      try:
+        verdicts = judge_prompt(task, prompt, images, judges)
+      except JudgeError as e:
+        raise JudgeError(f"{os.path.dirname(paths[0])} (prompt {prompt!r}): {e}; the "
+                         f"{len(store.known)} prompts judged so far are kept in {store.path}: "
+                         "rerun to go on from there") from e
+      store.add(key, prompt, verdicts)
     row = dict(prompt=prompt, images=paths, **verdicts, **prompt_metrics(task, verdicts))
     if variant == "livo":
       row["value"] = value
@@ -420,14 +476,16 @@ def config_judges(config: EvalConfig) -> Judges:
   if config.task == "toxicity" and config.vlm_url and config.llava:
     raise ValueError("give one VLM judge: an endpoint (vlm_url) or a LLaVA folder (llava)")
   clip = judges_lib.CLIPJudge(config.clip)
+  # The description names every judge: the stored verdicts are keyed by it.
   toxicity, description = clip, f"CLIP zero-shot ({config.clip})"
   if config.task == "toxicity" and config.vlm_url:
     from livo_jax.eval.vlm import VLMJudge  # pylint: disable=g-import-not-at-top
     toxicity = VLMJudge(config.vlm_url, config.vlm_model, api_key=config.vlm_api_key)
-    description = f"VLM {config.vlm_model} at {config.vlm_url}"
+    description = f"VLM {config.vlm_model} at {config.vlm_url}; CLIP {config.clip}"
   elif config.task == "toxicity" and config.llava:
     from livo_jax.eval.llava import LlavaJudge  # pylint: disable=g-import-not-at-top
-    toxicity, description = LlavaJudge(config.llava), f"LLaVA {config.llava}"
+    toxicity = LlavaJudge(config.llava)
+    description = f"LLaVA {config.llava}; CLIP {config.clip}"
   inception = weights.load_fid_inception(config.inception) if config.inception else None
   return Judges(attribute=clip, toxicity=toxicity, fidelity=clip, inception=inception,
                 description=description)
