@@ -41,6 +41,10 @@ _GUIDANCE = flags.DEFINE_float("guidance", 7.5, "classifier-free guidance scale 
                                "unconditional prediction, 1: the conditional one)",
                                lower_bound=0)
 _SCHEDULER = flags.DEFINE_enum("scheduler", "dpm", ["dpm", "ddim"], "DPM-Solver++ 2M or DDIM")
+_CONDITIONING = flags.DEFINE_enum(
+    "conditioning", "training", ["training", "original"], "the value token's rule: 'training' "
+    "(78 tokens, as the value encoder was trained) or 'original' (the prompt cut to 76 tokens, "
+    "as the original LiVO samples; docs/method.md section 2)")
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed", lower_bound=0, upper_bound=2**31 - 1)
 _HEIGHT = flags.DEFINE_integer("height", None, "image height (default: the model's)",
                                lower_bound=1)
@@ -79,7 +83,7 @@ def main(argv):
       batch_size=_BATCH.value, negative_prompt=_NEGATIVE.value, steps=_STEPS.value,
       guidance=_GUIDANCE.value, scheduler=_SCHEDULER.value, seed=_SEED.value,
       height=_HEIGHT.value, width=_WIDTH.value, latents=latents, debias=_DEBIAS.value,
-      overwrite=_OVERWRITE.value,
+      conditioning=_CONDITIONING.value, overwrite=_OVERWRITE.value,
       record=dict(model=str(model), value_encoder=str(encoder) if encoder else None,
                   dtype=_DTYPE.value, latents=_LATENTS.value))
   print(f"wrote {_NUM_IMAGES.value} images to {_OUT.value}")

@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import diffusers
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import testutil
 import tiny_sd
@@ -29,13 +31,23 @@ def sd_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sd(sd_folder):
-  root, _ = sd_folder
+def value_encoder_folder(sd_folder):
   # A value encoder with weights of its own, as training makes it (LiVO starts it as a copy of
   # the text encoder, whose value token barely moves a random tiny UNet).
-  value_encoder = os.path.join(os.path.dirname(root), "value_encoder")
-  tiny_sd.make_component("text_encoder", value_encoder, seed=1, std=0.3)
-  return weights.load_sd(root, value_encoder=value_encoder)
+  root, _ = sd_folder
+  folder = os.path.join(os.path.dirname(root), "value_encoder")
+  tiny_sd.make_component("text_encoder", folder, seed=1, std=0.3)
+  return folder
+
+
+@pytest.fixture(scope="module")
+def sd(sd_folder, value_encoder_folder):
+  return weights.load_sd(sd_folder[0], value_encoder=value_encoder_folder)
+
+
+@pytest.fixture(scope="module")
+def pipe(sd_folder, value_encoder_folder):
+  return sampling.load_pipeline(sd_folder[0], value_encoder=value_encoder_folder)
 
 
 def initial_latents(seed=0):
@@ -87,12 +99,12 @@ def test_value_conditioning_is_the_token_in_front(sd):
   hidden, _ = sd.text_encoder(ids)
   token = conditioning.value_token(sd.value_encoder, conditioning.tokenize(
       sd.tokenizer, [conditioning.value_prompt("v", p) for p in PROMPTS]))
-  context, lengths = conditioning.with_value_token(hidden, token, np.array([True, False]))
+  context = conditioning.with_value_token(hidden, token, np.array([True, False]))
   assert context.shape == (2, 78, 32)
-  np.testing.assert_array_equal(lengths, [78, 77])
   np.testing.assert_array_equal(context[0, 0], token[0, 0])
   np.testing.assert_array_equal(context[0, 1:], hidden[0])
   np.testing.assert_array_equal(context[1, :77], hidden[1])
+  np.testing.assert_array_equal(context[1, 77], 0)
 
 
 def test_debias_draws_are_seeded_fair_coins():
@@ -128,6 +140,51 @@ def test_value_without_value_encoder_is_an_error(sd):
     sampling.generate(no_value_encoder, PROMPTS, ["v", "v"], steps=2)
 
 
+def test_pipeline_np_images_are_generates_before_rounding(sd, pipe):
+  images = pipe(PROMPTS, num_inference_steps=4, seed=3, output_type="np").images
+  expected = sampling.generate(sd, PROMPTS, steps=4, seed=3)
+  assert isinstance(images, np.ndarray) and images.dtype == np.float32
+  assert images.shape == (2, 16, 16, 3) and 0 <= images.min() and images.max() <= 1
+  np.testing.assert_array_equal(np.round(images * 255).astype(np.uint8), expected)
+  assert np.abs(images * 255 - expected).max() > 0.1, "diffusers' 'np' pixels are not rounded"
+
+
+def test_pipeline_pil_images_per_prompt_values_and_rule(sd, pipe):
+  value = "color equality"
+  images = pipe(PROMPTS, num_images_per_prompt=2, value=[value, None],
+                negative_prompt=["grey", ""], num_inference_steps=3, seed=7,
+                conditioning="original").images
+  expected = sampling.generate(sd, [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, [value] * 2 + [None] * 2,
+                               negative_prompts=["grey"] * 2 + [""] * 2, steps=3, seed=7,
+                               conditioning="original")
+  assert [(image.mode, image.size) for image in images] == [("RGB", (16, 16))] * 4
+  np.testing.assert_array_equal(np.stack([np.asarray(image) for image in images]), expected)
+
+
+def test_pipeline_bad_arguments_name_them(sd, pipe):
+  with pytest.raises(ValueError, match=r"^output_type='latent': 'pil' or 'np'$"):
+    pipe(PROMPTS, output_type="latent")
+  with pytest.raises(ValueError, match=r"^prompt=\[\]: a string or a non-empty list"):
+    pipe([])
+  with pytest.raises(ValueError, match=r"^value: 1 given for 2 prompts"):
+    pipe(PROMPTS, value=["v"])
+  with pytest.raises(ValueError, match=r"^num_images_per_prompt=0: "):
+    pipe(PROMPTS, num_images_per_prompt=0)
+  no_value_encoder = sampling.Pipeline(weights.StableDiffusion(
+      sd.tokenizer, sd.text_encoder, sd.unet, sd.vae, sd.scheduler_config))
+  with pytest.raises(ValueError, match=r"^value: this pipeline has no value encoder"):
+    no_value_encoder(PROMPTS, value="v")
+
+
+def test_load_pipeline_passes_load_options_to_load_sd(sd_folder):
+  pipe = sampling.load_pipeline(sd_folder[0], param_dtype=jnp.bfloat16)
+  assert pipe.sd.value_encoder is None
+  unet_dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(pipe.sd.unet, nnx.Param))}
+  assert unet_dtypes == {jnp.dtype(jnp.bfloat16)}
+  with pytest.raises(TypeError, match="no_such_option"):
+    sampling.load_pipeline(sd_folder[0], no_such_option=1)
+
+
 def test_generate_script_writes_pngs_and_sidecars(sd_folder, tmp_path):
   root, _ = sd_folder
 
@@ -136,7 +193,7 @@ def test_generate_script_writes_pngs_and_sidecars(sd_folder, tmp_path):
         [sys.executable, "scripts/generate.py", f"--model={root}",
          f"--value_encoder={os.path.join(root, 'text_encoder')}",
          "--prompt=a blood-soaked circle", "--value=auto", "--num_images=3", "--batch_size=2",
-         "--steps=3", "--seed=11", f"--out={out}"],
+         "--steps=3", "--seed=11", "--conditioning=original", f"--out={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
 
   first, second = run(tmp_path / "a"), run(tmp_path / "b")
@@ -152,5 +209,5 @@ def test_generate_script_writes_pngs_and_sidecars(sd_folder, tmp_path):
   assert sidecar["value"] == "bloody considered inappropriate"
   assert sidecar["value_token_used"] is True
   assert (sidecar["prompt"], sidecar["seed"], sidecar["index"], sidecar["steps"],
-          sidecar["scheduler"], sidecar["guidance"]) == (
-              "a blood-soaked circle", 11, 2, 3, "dpm", 7.5)
+          sidecar["scheduler"], sidecar["guidance"], sidecar["conditioning"]) == (
+              "a blood-soaked circle", 11, 2, 3, "dpm", 7.5, "original")
