@@ -15,9 +15,11 @@ dataset, an output that is there already, an endpoint that does not answer) each
 with one line on stderr, "error: <message>", and exit status 1. Ctrl-C ends it with
 "interrupted" and status 130 (the shell's 128 + SIGINT); the package writes every file
 atomically, so what is on disk then is whole. Any other exception is a bug and keeps its
-traceback. Logging shows warnings and errors only, unless --verbosity says otherwise.
+traceback. Logging shows warnings and errors only, and none of the libraries' start-up notes,
+unless --verbosity says otherwise.
 """
 
+import logging as py_logging
 import math
 import os
 import sys
@@ -99,8 +101,7 @@ def run(main: Callable[[list[str]], None], *, user_errors: tuple[type, ...] = ()
   errors = USER_ERRORS + tuple(user_errors)
 
   def guarded(argv):
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)   # JAX's INFO lines would bury the error line
+    quiet_libraries()
     try:
       if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
@@ -112,6 +113,23 @@ def run(main: Callable[[list[str]], None], *, user_errors: tuple[type, ...] = ()
       sys.exit(f"error: {one_line(e)}")
 
   app.run(guarded, flags_parser=_parse_flags)
+
+
+def quiet_libraries() -> None:
+  """Keeps logging to warnings and errors, and the libraries' start-up notes off stderr.
+
+  The notes: JAX's INFO line for each platform it finds missing ("Unable to initialize backend
+  'tpu'"), which a command that logs at INFO (training) would show, and transformers' advice
+  that PyTorch is not installed (we use its tokenizer only). Call it once the flags are parsed
+  and before JAX starts or transformers is imported; `run` does. --verbosity keeps everything,
+  and so does JAX_LOGGING_LEVEL for JAX.
+  """
+  if flags.FLAGS["verbosity"].present:
+    return
+  logging.set_verbosity(logging.WARNING)   # JAX's INFO lines would bury the error line
+  if not os.environ.get("JAX_LOGGING_LEVEL"):
+    py_logging.getLogger("jax").setLevel(py_logging.WARNING)
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def one_line(error: BaseException) -> str:
