@@ -30,6 +30,7 @@ import os
 from absl import flags
 
 from livo_jax import cli
+from livo_jax import conditioning
 from livo_jax.errors import ConfigError
 from livo_jax.eval import evaluate
 from livo_jax.eval import vlm
@@ -64,6 +65,10 @@ _HEIGHT = flags.DEFINE_integer("height", None, "image height (default: the model
 _WIDTH = flags.DEFINE_integer("width", None, "image width (default: the model's)",
                               lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "sampling dtype")
+_CONDITIONING = flags.DEFINE_enum(
+    "conditioning", "training", list(conditioning.RULES), "the value token's rule: 'training' "
+    "(78 tokens, as the value encoder was trained) or 'original' (the prompt cut to 76 tokens, "
+    "as the paper sampled its numbers; docs/sampling.md)")
 _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", None, "evaluate only the first N prompts",
                                     lower_bound=1)
 _VLM_URL = flags.DEFINE_string("vlm_url", None, "OpenAI-compatible VLM endpoint (toxicity)")
@@ -116,7 +121,7 @@ def main(argv):
       generation=evaluate.Generation(
           images_per_prompt=_IMAGES_PER_PROMPT.value, seed=_SEED.value, steps=_STEPS.value,
           guidance=_GUIDANCE.value, batch_size=_BATCH.value, height=_HEIGHT.value,
-          width=_WIDTH.value),
+          width=_WIDTH.value, conditioning=_CONDITIONING.value),
       dtype=_DTYPE.value, max_prompts=_MAX_PROMPTS.value,
       vlm_url=_VLM_URL.value, vlm_model=_VLM_MODEL.value, vlm_api_key=api_key(),
       llava=_LLAVA.ref(), inception=_INCEPTION.value, overwrite=_OVERWRITE.value))

@@ -65,7 +65,7 @@ TPU=(gcloud compute tpus tpu-vm)
 WHERE=(--zone="$ZONE")
 [[ -n "$PROJECT" ]] && WHERE+=(--project="$PROJECT")
 REMOTE_DIR="livo-jax"
-JAX_SPEC=$(grep -m1 -E '^jax[><=]' "$REPO/requirements.txt" | sed 's/[[:space:]].*//; s/^jax/jax[tpu]/')
+JAX_SPEC=$(grep -m1 -oE '"jax>=[^"]+"' "$REPO/pyproject.toml" | tr -d '"' | sed 's/^jax/jax[tpu]/')
 LIBTPU_INDEX="https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 
 run() {  # print with a "+ " prefix; run unless --dry-run

@@ -53,12 +53,13 @@ def parse_flags(argv):
              + (f' (did you mean "{hint.group(1)}"?)' if hint else "")
              + "; the config file lists the keys")
   except flags.Error as e:
-    sys.exit(f"error: {e}\nsee --helpfull for the flags")
+    sys.exit(f"error: {cli.one_line(e)} (see --helpfull for the flags)")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.quiet_libraries()   # JAX's missing-backend notes, transformers' advice; not --verbosity
   logging.getLogger().setLevel(logging.INFO)
   # orbax and grain log every save and read through absl's logger; ours is the root logger.
   logging.getLogger("absl").setLevel(logging.WARNING)

@@ -215,3 +215,22 @@ def test_a_judge_failure_keeps_the_verdicts_and_the_rerun_goes_on(chat_server, t
   assert len(chat_server.requests) == 2       # the first prompt again: an image changed
   run(["no"])
   assert not chat_server.requests             # nothing new: every verdict is kept
+
+
+def test_the_original_conditioning_rule_reaches_the_generated_images(folders, tmp_path):
+  """`Generation.conditioning` is what the LiVO images are sampled with, and in the record."""
+  from livo_jax import sampling, weights  # pylint: disable=g-import-not-at-top
+  sd = weights.load_sd(folders["sd"], value_encoder=folders["value_encoder"])
+  task = evaluate.Task("toxicity", ("a knife",), ("bloody considered inappropriate",),
+                       kind="bloody")
+  original = evaluate.Generation(images_per_prompt=2, steps=2, batch_size=2,
+                                 conditioning="original")
+  evaluate.generate_missing(sd, [task], "livo", str(tmp_path), original)
+  ours = [np.asarray(Image.open(tmp_path / "0000" / f"{i:02d}.png")) for i in range(2)]
+  for rule in ("original", "training"):
+    expected = sampling.generate(sd, ["a knife"] * 2, [task.values[0]] * 2, steps=2,
+                                 seed=original.seed, conditioning=rule)
+    assert np.array_equal(np.stack(ours), expected) == (rule == "original")
+  record = evaluate.images_record([task], "livo", original, {})
+  assert record["conditioning"] == "original"
+  assert "conditioning" not in evaluate.images_record([task], "livo", evaluate.Generation(), {})

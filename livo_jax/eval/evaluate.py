@@ -92,6 +92,7 @@ class Generation:
   batch_size: int = 10
   height: int | None = None
   width: int | None = None
+  conditioning: str = "training"   # the value token's rule (`conditioning.RULES`)
 
 
 def image_paths(folder: str, prompt_index: int, n: int) -> list[str]:
@@ -122,7 +123,8 @@ def generate_missing(sd, tasks: Sequence[Task], variant: str, folder: str,
       images = sampling.generate(
           sd, [prompt] * len(batch), values, steps=generation.steps,
           guidance=generation.guidance, seed=generation.seed, height=generation.height,
-          width=generation.width, first_index=start, check_finite=True)
+          width=generation.width, first_index=start, conditioning=generation.conditioning,
+          check_finite=True)
       for i, image in zip(batch, images):
         if not os.path.exists(paths[i]):
           image_lib.save_png(image, paths[i])
@@ -318,8 +320,10 @@ def run(tasks: Sequence[Task], judges: Judges, out: str, *, sd=None,
 
 def images_record(tasks: Sequence[Task], variant: str, generation: Generation,
                   sources: Mapping[str, Any]) -> dict:
-  """What sets the pixels of `variant`'s generated images: all but the batch size."""
-  settings = {k: v for k, v in dataclasses.asdict(generation).items() if k != "batch_size"}
+  """What sets the pixels of `variant`'s generated images: all but the batch size (and the
+  default conditioning rule, which folders made before the option was added were made with)."""
+  settings = {k: v for k, v in dataclasses.asdict(generation).items()
+              if k != "batch_size" and (k, v) != ("conditioning", "training")}
   prompts = [[task.name, prompt] + ([value] if variant == "livo" else [])
              for task, _, prompt, value in _prompt_rows(tasks)]
   # Through JSON, as it comes back from the file: tuples become lists.
