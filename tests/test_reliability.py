@@ -343,6 +343,7 @@ def test_nonfinite_weights_are_never_exported(finished, make_config, tmp_path):
   mesh = sharding.make_mesh(-1, 1, devices=jax.devices()[:1])
   trainer = setup.build_trainer(config, sd, mesh, donate=False)
   trainer.state["params"] = jax.tree.map(lambda x: x * np.nan, trainer.state["params"])
+  folder = os.path.join(workdir, "value_encoder")
   with pytest.raises(RunError, match="is not finite; .*value_encoder not written"):
-    loop._export(sd, trainer, mesh, workdir, True)  # pylint: disable=protected-access
+    loop._export(sd, trainer, mesh, folder, card="unused")  # pylint: disable=protected-access
   assert file_bytes(os.path.join(workdir, "value_encoder")) == before

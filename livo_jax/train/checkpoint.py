@@ -78,12 +78,14 @@ def _quiet_background_failures() -> None:
 class Checkpoints:
   """`workdir/checkpoints`: save every N steps, keep the last K, restore the latest readable."""
 
-  def __init__(self, directory: str, *, keep: int):
+  def __init__(self, directory: str, *, keep: int | None = None, read_only: bool = False):
+    """`read_only`: for restores only, leaving alone what a live run is writing (the export).
+    (orbax's own `read_only` only adds a warning to that, on every use.)"""
     self.directory = os.path.abspath(directory)
     _quiet_background_failures()
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True))
+            max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only))
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict | None]:
     """(step, state, data state) of the newest checkpoint that restores; (0, None, None) when
@@ -129,7 +131,7 @@ class Checkpoints:
                      f"{_cause(e)}") from e
 
   def saved_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """The state at `step`, placed as `abstract_state`'s shardings say, and the data state."""

@@ -94,6 +94,8 @@ def sd15() -> ml_collections.ConfigDict:
   config.checkpoint_every = 1000
   config.keep_checkpoints = 20
   config.log_every = 1
+  config.report_to = "tensorboard"       # also "wandb", "tensorboard,wandb", or "none"
+  config.wandb_project = "livo_jax"      # the W&B project (report_to wandb)
   # JAX's persistent compilation cache: a restart loads the compiled step. "" = off.
   config.compilation_cache_dir = "~/.cache/livo_jax/compilation"
 

@@ -11,7 +11,7 @@ config first, each atomically (`livo_jax.files.atomic_folder`), so that
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -135,20 +135,23 @@ def export_config(model: nnx.Module, kind: ModelKind,
 
 
 def save_pretrained(model: nnx.Module, folder: str, kind: ModelKind | None = None, *,
-                    base_config: Mapping[str, Any] | None = None,
-                    overwrite: bool = False) -> None:
+                    base_config: Mapping[str, Any] | None = None, overwrite: bool = False,
+                    add_files: Callable[[str], None] | None = None) -> None:
   """Writes a torch-layout folder (config.json + safetensors) that transformers/diffusers load.
 
   `base_config` is an original config.json to keep fields we do not model (pipeline hints,
-  library versions); the model's own config fields always win. The folder appears complete or
-  not at all; an existing non-empty one is replaced (once the new one is complete) only with
-  `overwrite`, else `FileExistsError`.
+  library versions); the model's own config fields always win. `add_files(tmp)` writes more
+  files into the folder before it appears (a tokenizer, a model card). The folder appears
+  complete or not at all; an existing non-empty one is replaced (once the new one is complete)
+  only with `overwrite`, else `FileExistsError`.
   """
   kind = kind or kinds.kind_of_model(model)
   state = {kind.save_prefix + k: v for k, v in layout.torch_state_dict(model).items()}
   with files.atomic_folder(folder, replace=overwrite) as tmp:
     files.write_json(export_config(model, kind, base_config), os.path.join(tmp, CONFIG_NAME))
     tensor_files.write_safetensors(state, os.path.join(tmp, f"{kind.weights_name}.safetensors"))
+    if add_files:
+      add_files(tmp)
 
 
 def save_flax(model: nnx.Module, folder: str, kind: ModelKind | None = None, *,
