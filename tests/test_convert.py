@@ -517,3 +517,14 @@ def test_next_conversion_removes_what_a_killed_one_left(sd_folder, tmp_path):
   assert messages == [f"removed 2 leftover(s) of killed writes from {parent}: "
                       + ", ".join(sorted(killed + [nested.name]))]
   assert sorted(os.listdir(parent)) == sorted(["dst", live.name])
+
+
+def test_safetensors_files_follow_the_umask(tmp_path):
+  """safetensors alone creates its files 0600; a reader may be another user."""
+  old = os.umask(0o027)
+  try:
+    weights.tensors.write_safetensors({"a": np.zeros(2, np.float32)},
+                                     str(tmp_path / "a.safetensors"))
+  finally:
+    os.umask(old)
+  assert os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == 0o640

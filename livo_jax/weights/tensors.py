@@ -92,6 +92,21 @@ def _read_torch_pickle(path: str) -> dict[str, np.ndarray]:
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   save_file(dict(tensors), path, metadata={"format": "pt"})
+  # safetensors creates the file 0600; readers may be other users (the umask decides, as for
+  # every file we write).
+  os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+  """The process's umask, read without setting it (`os.umask` would, racing other threads)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  return 0o022
 
 
 def is_flax_checkpoint(folder: str) -> bool:
