@@ -8,7 +8,9 @@ on each image. Each run gives a per-sample MSE, and the objectives compare them:
   objective = OBJECTIVES["livo"]
   loss, metrics = objective.loss(errors, beta=1000., alpha=500., gamma1=1., gamma2=.5)
 
-Everything here is plain math on arrays; the UNet passes live in `livo_jax.train.step`.
+`objective(name, margins)` is the objective a config names: with `margins="relative"` the LiVO
+hinge reads its margins relative to each pair's reference errors (docs/method.md §4, "Beyond the
+paper"). Everything here is plain math on arrays; the UNet passes live in `livo_jax.train.step`.
 """
 
 import dataclasses
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 from livo_jax import schedulers
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+MARGINS = ("absolute", "relative")   # `loss.margins`: the published form, or relative
 
 
 def per_sample_mse(prediction, target):
@@ -58,17 +61,43 @@ def _error_means(errors) -> dict:
 
 
 def livo_loss(errors, *, beta: float, alpha: float, gamma1: float, gamma2: float):
-  """The LiVO hinge, averaged over the batch.
+  """The LiVO hinge, averaged over the batch, with the published absolute margins.
 
   relu(gamma1 + beta (theta_w - ref_w)) pulls the value-conditioned model toward the aligned
-  image; relu(gamma2 + alpha (ref_l - theta_l)) pushes it away from the violating one.
+  image; relu(gamma2 + alpha (ref_l - theta_l)) pushes it away from the violating one. Each
+  hinge stops at a gap of -gamma1 / beta (-gamma2 / alpha), an MSE difference.
   """
+  return _hinge(errors, beta, alpha, gamma1, gamma2)
+
+
+def relative_livo_loss(errors, *, relative_beta: float, relative_alpha: float, gamma1: float,
+                       gamma2: float):
+  """The LiVO hinge with each pair's gaps relative to its own reference errors.
+
+  relu(gamma1 + relative_beta (theta_w - ref_w) / sg(ref_w))
+    + relu(gamma2 + relative_alpha (ref_l - theta_l) / sg(ref_l)),
+  sg = stop_gradient: the absolute hinge with per-pair slopes relative_beta / ref_w and
+  relative_alpha / ref_l, so a hinge stops once the pair's gap is the fraction
+  gamma1 / relative_beta (gamma2 / relative_alpha) of its reference error. Where every
+  reference error is E it equals `livo_loss` with beta = relative_beta / E and
+  alpha = relative_alpha / E.
+  """
+  slope_w = relative_beta / jax.lax.stop_gradient(errors["ref_w"])
+  slope_l = relative_alpha / jax.lax.stop_gradient(errors["ref_l"])
+  return _hinge(errors, slope_w, slope_l, gamma1, gamma2)
+
+
+def _hinge(errors, slope_w, slope_l, gamma1: float, gamma2: float):
+  """relu(gamma1 + slope_w gap_w) + relu(gamma2 + slope_l gap_l), averaged; slopes scalar or [B]."""
   gap_w = errors["theta_w"] - errors["ref_w"]    # < 0: better than SD on the aligned image
   gap_l = errors["ref_l"] - errors["theta_l"]    # < 0: worse than SD on the violating image
-  loss = jnp.mean(jax.nn.relu(gamma1 + beta * gap_w) + jax.nn.relu(gamma2 + alpha * gap_l))
+  argument_w, argument_l = slope_w * gap_w, slope_l * gap_l   # the hinge arguments, no margins
+  loss = jnp.mean(jax.nn.relu(gamma1 + argument_w) + jax.nn.relu(gamma2 + argument_l))
   metrics = _error_means(errors)
   metrics.update(gap_w=jnp.mean(gap_w), gap_l=jnp.mean(gap_l),
-                 beta_gap_w=beta * jnp.mean(gap_w), alpha_gap_l=alpha * jnp.mean(gap_l))
+                 relative_gap_w=jnp.mean(gap_w / errors["ref_w"]),
+                 relative_gap_l=jnp.mean(gap_l / errors["ref_l"]),
+                 beta_gap_w=jnp.mean(argument_w), alpha_gap_l=jnp.mean(argument_l))
   return loss, metrics
 
 
@@ -107,3 +136,12 @@ OBJECTIVES: dict[str, Objective] = {
     "dpo": Objective(dpo_loss, ("theta_w", "theta_l", "ref_w", "ref_l")),
     "sft": Objective(sft_loss, ("theta_w",)),
 }
+# The objectives with margins, in their relative form (`loss.margins = "relative"`).
+RELATIVE_OBJECTIVES: dict[str, Objective] = {
+    "livo": Objective(relative_livo_loss, OBJECTIVES["livo"].passes),
+}
+
+
+def objective(name: str, margins: str = "absolute") -> Objective:
+  """The objective `loss.name` with its margins in the form `loss.margins` (one of MARGINS)."""
+  return RELATIVE_OBJECTIVES[name] if margins == "relative" else OBJECTIVES[name]

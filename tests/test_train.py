@@ -197,6 +197,8 @@ def test_sharded_run_follows_one_device(straight, make_config, sd_folder, train_
     ({"optim.weight_decay": float("nan")}, "optim.weight_decay = nan"),
     ({"loss.beta": float("inf")}, "loss.beta = inf: must be finite"),
     ({"loss.snr_gamma": -1.0}, "loss.snr_gamma = -1.0: must be >= 0"),
+    ({"loss.margins": "relatve"}, "loss.margins = 'relatve'"),
+    ({"loss.margins": "relative", "loss.relative_beta": 0.0}, "loss.relative_beta = 0.0"),
     ({"max_nonfinite_steps": 0}, "max_nonfinite_steps = 0: must be >= 1"),
     ({"eval.every": 4, "eval.steps": 0}, "eval.steps = 0"),
 ])
@@ -287,6 +289,7 @@ def test_bad_data_names_file_and_line_and_keeps_the_workdir(sd_folder, tmp_path)
 @pytest.mark.parametrize("overrides", [
     {"loss.name": "dpo", "dtype": "bfloat16"},
     {"loss.name": "sft"},
+    {"loss.margins": "relative"},
     {"loss.prediction_type": "v_prediction", "loss.snr_gamma": 5.0, "loss.noise_offset": 0.1,
      "loss.input_perturbation": 0.1, "model.remat": "dots"},
 ])
@@ -312,6 +315,11 @@ def test_objectives_in_the_step(make_config, overrides):
     assert set(metrics) >= set(DESIGN_METRICS) - {"step"}
   if config.loss.name == "dpo":
     assert 0 <= metrics["dpo_accuracy"] <= 1
+  if config.loss.margins == "relative":
+    assert metrics["beta_gap_w"] == pytest.approx(100 * metrics["relative_gap_w"],
+                                                 rel=1e-5, abs=1e-6)
+    assert metrics["alpha_gap_l"] == pytest.approx(50 * metrics["relative_gap_l"],
+                                                  rel=1e-5, abs=1e-6)
 
 
 def test_schedules(make_config):
@@ -368,6 +376,7 @@ def test_sd15_config_is_the_recipe():
             "optim.warmup_steps": 0, "optim.b1": 0.9, "optim.b2": 0.999, "optim.eps": 1e-8,
             "optim.weight_decay": 1e-2, "optim.max_grad_norm": 1.0, "loss.beta": 1000.0,
             "loss.alpha": 500.0, "loss.gamma1": 1.0, "loss.gamma2": 0.5, "loss.name": "livo",
+            "loss.margins": "absolute",
             "data.resolution": 512, "data.center_crop": True, "data.random_flip": True,
             "checkpoint_every": 1000, "keep_checkpoints": 20, "eval.every": 1000}
   assert {k: flat[k] for k in recipe} == recipe

@@ -185,7 +185,9 @@ def model_card(record: dict, step: int, metrics: dict | None) -> str:
     base += f" (revision `{model['revision']}`)"
   init = (f"`{model['value_encoder_init']}`" if model["value_encoder_init"]
           else "the base model's text encoder")
-  margins = ", ".join(f"{k} {loss[k]:g}" for k in losses.OBJECTIVES[loss["name"]].hyperparameters)
+  # A record from before `loss.margins` existed trained with the absolute ones.
+  hyperparameters = losses.objective(loss["name"], loss.get("margins", "absolute")).hyperparameters
+  margins = ", ".join(f"{k} {loss[k]:g}" for k in hyperparameters)
   objective = f"{loss['name']} ({margins})" if margins else loss["name"]
   values = "\n".join(f"- {value} ({count} aligned images)"
                      for value, count in data["values"].items())

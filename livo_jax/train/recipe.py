@@ -59,6 +59,9 @@ def sd15() -> ml_collections.ConfigDict:
   config.loss.alpha = 500.0
   config.loss.gamma1 = 1.0
   config.loss.gamma2 = 0.5
+  config.loss.margins = "absolute"       # livo's margins: absolute (the paper) / relative (to ref)
+  config.loss.relative_beta = 100.0      # margins = relative: slopes on gap / ref error, margins
+  config.loss.relative_alpha = 50.0      # gamma1 / relative_beta, gamma2 / relative_alpha (1%)
   config.loss.beta_dpo = 5000.0
   config.loss.snr_gamma = 0.0            # > 0: min-SNR-gamma weighting
   config.loss.prediction_type = ""       # "" = the SD folder's scheduler; epsilon / v_prediction

@@ -38,6 +38,7 @@ class StepSettings:
   input_perturbation: float
   grad_accum_steps: int
   merge_passes: bool = True          # theta_w/theta_l in one UNet call of 2B, ref_* in another
+  margins: str = "absolute"          # the objective's margins: absolute, or relative (losses)
 
 
 def draw_noise(rng, batch_size: int, latent_shape: tuple, num_train_timesteps: int,
@@ -131,7 +132,7 @@ def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedule:
   `state` = {params, opt_state, step, rng, skipped_steps} of the value encoder; `frozen` = the nnx states of the
   text encoder, UNet and VAE (never differentiated); `batch` = the data pipeline's arrays.
   """
-  objective = losses.OBJECTIVES[settings.objective]
+  objective = losses.objective(settings.objective, settings.margins)
   hyperparameters = dict(settings.hyperparameters)
 
   def train_step(state, frozen, batch):
@@ -206,7 +207,7 @@ def step_settings(config, scheduler_config: schedulers.SchedulerConfig) -> StepS
   """The step's compile-time settings from the config's `loss`, `optim` and `model` keys."""
   loss = config.loss
   check_loss(loss)
-  objective = losses.OBJECTIVES[loss.name]
+  objective = losses.objective(loss.name, loss.margins)
   return StepSettings(
       objective=loss.name,
       hyperparameters=tuple((k, float(loss[k])) for k in objective.hyperparameters),
@@ -214,7 +215,7 @@ def step_settings(config, scheduler_config: schedulers.SchedulerConfig) -> StepS
       snr_gamma=float(loss.snr_gamma), noise_offset=float(loss.noise_offset),
       input_perturbation=float(loss.input_perturbation),
       grad_accum_steps=config.optim.grad_accum_steps,
-      merge_passes=config.model.merge_unet_passes)
+      merge_passes=config.model.merge_unet_passes, margins=loss.margins)
 
 
 def check_loss(loss) -> None:
@@ -230,3 +231,15 @@ def check_loss(loss) -> None:
   if loss.prediction_type and loss.prediction_type not in losses.PREDICTION_TYPES:
     raise ConfigError(f"loss.prediction_type = {loss.prediction_type!r}: expected "
                       f"'' (from the scheduler config) or one of {losses.PREDICTION_TYPES}")
+  if loss.margins not in losses.MARGINS:
+    raise ConfigError(f"loss.margins = {loss.margins!r}: expected one of {losses.MARGINS}")
+  if loss.margins == "relative":
+    if loss.name not in losses.RELATIVE_OBJECTIVES:
+      raise ConfigError(f"loss.margins = 'relative': loss.name = {loss.name!r} has no margins "
+                        f"(only {tuple(losses.RELATIVE_OBJECTIVES)})")
+    for key in ("relative_beta", "relative_alpha"):
+      if loss[key] <= 0:
+        raise ConfigError(f"loss.{key} = {loss[key]}: must be > 0")
+    if loss.snr_gamma > 0:
+      raise ConfigError(f"loss.snr_gamma = {loss.snr_gamma}: has no effect with loss.margins = "
+                        "'relative' (a pair's weight divides out of its relative gaps)")
