@@ -31,6 +31,7 @@ from absl import logging
 
 from livo_jax import chat
 from livo_jax.errors import RunError
+from livo_jax.weights import hub
 
 # ConfigError, DataError and WeightsError are ValueErrors; FileNotFoundError, FileExistsError
 # and PermissionError are OSErrors; RunError: a training run that stopped on purpose (the demo
@@ -63,7 +64,7 @@ class ModelFlags:
                                         f"branch, tag or commit of --{name}'s Hub repo")
     self.variant = flags.DEFINE_string(f"{name}_variant", None,
                                        f"weights variant of --{name}, e.g. fp16")
-    flags.register_validator(name, lambda model: not model or _folder_or_repo_id(model),
+    flags.register_validator(name, lambda model: not model or hub.is_folder_or_repo_id(model),
                              message="no such folder (nor a Hub repo id: ORG/NAME)")
     extras = [f"{name}_subfolder", f"{name}_revision", f"{name}_variant"]
     flags.register_multi_flags_validator(
@@ -72,17 +73,11 @@ class ModelFlags:
 
   def ref(self):
     """The `weights.ModelRef` the flags name, or None without `--NAME`."""
-    from livo_jax.weights import hub  # pylint: disable=g-import-not-at-top
     if not self.model.value:
       return None
     return hub.ModelRef(self.model.value, subfolder=self.subfolder.value,
                         revision=self.revision.value or None,
                         variant=self.variant.value or None)
-
-
-def _folder_or_repo_id(name: str) -> bool:
-  from livo_jax.weights import hub  # pylint: disable=g-import-not-at-top
-  return os.path.isdir(os.path.expanduser(name)) or hub.is_repo_id(name)
 
 
 def must_be_finite(flag: flags.FlagHolder) -> None:

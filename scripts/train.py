@@ -24,7 +24,6 @@ from ml_collections import config_flags
 from livo_jax import cli
 from livo_jax import train
 from livo_jax.train import runtime
-from livo_jax.errors import RunError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)",
                                           lock_config=True)
@@ -67,7 +66,7 @@ def main(argv):
     runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                    detect=_DISTRIBUTED.value)
     train.train(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, OSError, RunError) as e:   # Config/Data/WeightsError, Hub and file errors
+  except cli.USER_ERRORS as e:   # Config/Data/WeightsError, Hub and file errors, RunError
     sys.exit(f"error: {cli.one_line(e)}")
   except KeyboardInterrupt:   # a second Ctrl-C, or one before the first step
     print("interrupted", file=sys.stderr)

@@ -44,7 +44,7 @@ def check_config(config, num_devices: int) -> None:
       raise ConfigError(f"{key} is required (--config.{key}=PATH)")
   for key in ("model.pretrained", "model.value_encoder_init"):
     name = _value(config, key)
-    if name and not (os.path.exists(os.path.expanduser(name)) or weights.hub.is_repo_id(name)):
+    if name and not weights.hub.is_folder_or_repo_id(name):
       raise ConfigError(f"{key} = {name!r}: no such folder (nor a Hub repo id: ORG/NAME)")
   for key in ("batch_size", "total_steps", "checkpoint_every", "log_every", "keep_checkpoints",
               "max_nonfinite_steps", "optim.grad_accum_steps"):
@@ -175,13 +175,13 @@ def make_batches(config, source: data.PreferenceSource, sd: weights.StableDiffus
   """This process's endless batch iterator, with the latent and text caches the config asks."""
   moments = text = None
   if config.data.cache_latents:    # VAE moments computed once
-    vae_key = f"{model_key(config)}-{config.dtype}"
+    vae_key = f"{model_key(config, sd)}-{config.dtype}"
     moments = data.cache_moments(source, cache_encoder(sd.vae, mesh, lambda vae, x: vae.moments(x)),
                                  resolution=config.data.resolution,
                                  random_flip=config.data.random_flip, key=vae_key,
                                  log=logging.info)
   if config.data.cache_text:       # the prompts' hidden states computed once
-    text_key = f"{model_key(config)}/text_encoder-{config.dtype}"
+    text_key = f"{model_key(config, sd)}/text_encoder-{config.dtype}"
     encode = cache_encoder(sd.text_encoder, mesh, prompt_hidden_states)
     text = data.cache_text_embeddings(
         source, lambda prompts: encode(conditioning.tokenize(sd.tokenizer, prompts)),
@@ -194,12 +194,12 @@ def make_batches(config, source: data.PreferenceSource, sd: weights.StableDiffus
       num_threads=config.data.num_threads, prefetch=config.data.prefetch)
 
 
-def model_key(config) -> str:
-  """What names the frozen SD in the caches' keys: its folder, for a Hub id the cached
-  snapshot's (named by the commit, so a moved branch is a new key), and the variant."""
-  ref = sd_ref(config)
-  folder = weights.hub.pipeline_folder(ref)
-  return os.path.abspath(folder) + (f"-{ref.variant}" if ref.variant else "")
+def model_key(config, sd: weights.StableDiffusion) -> str:
+  """What names the frozen SD in the caches' keys: the folder it was read from, for a Hub id
+  the cached snapshot's (named by the commit, so a moved branch is a new key), and the
+  variant."""
+  variant = config.model.variant
+  return os.path.abspath(sd.folder) + (f"-{variant}" if variant else "")
 
 
 def cache_encoder(module: nnx.Module, mesh, apply: Callable) -> Callable:

@@ -14,7 +14,6 @@ fetched: the cache answers, or a one-line `HubError` says what is not in it.
 """
 
 import dataclasses
-import json
 import os
 import posixpath
 
@@ -104,9 +103,14 @@ def is_repo_id(name: str) -> bool:
   return True
 
 
+def is_folder_or_repo_id(name: str) -> bool:
+  """Whether `name` can name a model: a path here, or a Hub repo id."""
+  return os.path.exists(os.path.expanduser(name)) or is_repo_id(name)
+
+
 def check_name(name: str) -> None:
   """Raises FileNotFoundError for a name that is neither a folder here nor a repo id."""
-  if not os.path.exists(os.path.expanduser(name)) and not is_repo_id(name):
+  if not is_folder_or_repo_id(name):
     raise FileNotFoundError(f"{name}: no such folder (nor a Hub repo id: ORG/NAME)")
 
 
@@ -150,7 +154,7 @@ def component_folder(model: "str | ModelRef", kind: ModelKind | None = None) -> 
   fetch(ref, (single, index))
   if not os.path.isfile(os.path.join(folder, single)) and os.path.isfile(
       os.path.join(folder, index)):
-    fetch(ref, tuple(_shards(os.path.join(folder, index))))
+    fetch(ref, tuple(tensor_files.shard_names(os.path.join(folder, index))))
   elif not os.path.isfile(os.path.join(folder, single)):
     fetch(ref, (binary,))
   try:
@@ -164,7 +168,9 @@ def tokenizer_folder(model: "str | ModelRef") -> str:
   """A CLIP tokenizer's folder (vocab.json, merges.txt, its configs)."""
   ref = as_ref(model)
   folder = fetch(ref, TOKENIZER_FILES)
-  if not is_local(ref) and not os.path.isfile(os.path.join(folder, "vocab.json")):
+  if not os.path.isfile(os.path.join(folder, "vocab.json")):
+    if is_local(ref):
+      raise FileNotFoundError(f"{folder}: no tokenizer (vocab.json) there")
     raise HubError(f"{ref}: no tokenizer (vocab.json) in the repo{_offline_hint()}")
   return folder
 
@@ -194,14 +200,6 @@ def pipeline_folder(model: "str | ModelRef") -> str:
   tokenizer_folder(ref.child("tokenizer"))
   file_in(ref.child("scheduler"), SCHEDULER_CONFIG)
   return folder
-
-
-def _shards(index: str) -> list[str]:
-  try:
-    with open(index) as f:
-      return sorted(set(json.load(f)["weight_map"].values()))
-  except (OSError, ValueError, KeyError, AttributeError) as e:
-    raise WeightsError(f"{index}: unreadable shard index: {e!r}") from None
 
 
 def _snapshot_download(ref: ModelRef, patterns: list[str]) -> str:

@@ -35,6 +35,7 @@ class StableDiffusion:
   scheduler_config: schedulers.SchedulerConfig
   value_encoder: nnx.Module | None = None
   value_encoder_config: dict | None = None   # its config.json, kept when it is saved again
+  folder: str | None = None   # the SD folder read (for a Hub id: its cached snapshot's)
 
   @property
   def vae_scale_factor(self) -> int:
@@ -49,11 +50,7 @@ class StableDiffusion:
 def load_tokenizer(model: str | ModelRef):
   """SD's CLIP tokenizer from a `tokenizer/` folder (or a Hub repo's)."""
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
-  ref = hub.as_ref(model)
-  folder = hub.tokenizer_folder(ref)
-  if not os.path.isfile(os.path.join(folder, "vocab.json")):
-    raise FileNotFoundError(f"{folder}: no tokenizer (vocab.json) there")
-  return CLIPTokenizer.from_pretrained(folder)
+  return CLIPTokenizer.from_pretrained(hub.tokenizer_folder(model))
 
 
 def load_scheduler_config(model: str | ModelRef) -> schedulers.SchedulerConfig:
@@ -95,4 +92,5 @@ def load_sd(model: str | ModelRef, *, value_encoder: str | ModelRef | None = Non
       vae=folders.load_vae(part("vae"), **frozen),
       scheduler_config=load_scheduler_config(part("scheduler")),
       value_encoder=encoder,
-      value_encoder_config=folders.read_config(value_encoder) if value_encoder else None)
+      value_encoder_config=folders.read_config(value_encoder) if value_encoder else None,
+      folder=folder)

@@ -43,16 +43,20 @@ def weights_files(folder: str, weights_name: str, bin_name: str,
   if os.path.isfile(single):
     return [single]
   if os.path.isfile(index):
-    try:
-      with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-      raise WeightsError(f"{index}: unreadable shard index: {e!r}") from None
-    return [os.path.join(folder, shard) for shard in shards]
+    return [os.path.join(folder, shard) for shard in shard_names(index)]
   if os.path.isfile(binary):
     return [binary]
   raise WeightsError(f"{folder}: no weights file (looked for {os.path.basename(single)}, "
                      f"{os.path.basename(index)}, {os.path.basename(binary)})")
+
+
+def shard_names(index: str) -> list[str]:
+  """The shard files a `*.safetensors.index*.json` names, sorted."""
+  try:
+    with open(index) as f:
+      return sorted(set(json.load(f)["weight_map"].values()))
+  except (OSError, ValueError, KeyError, AttributeError) as e:
+    raise WeightsError(f"{index}: unreadable shard index: {e!r}") from None
 
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
