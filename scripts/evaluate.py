@@ -64,7 +64,8 @@ _HEIGHT = flags.DEFINE_integer("height", None, "image height (default: the model
                                lower_bound=1)
 _WIDTH = flags.DEFINE_integer("width", None, "image width (default: the model's)",
                               lower_bound=1)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "sampling dtype")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
+                           "sampling dtype")
 _CONDITIONING = flags.DEFINE_enum(
     "conditioning", "training", list(conditioning.RULES), "the value token's rule: 'training' "
     "(78 tokens, as the value encoder was trained) or 'original' (the prompt cut to 76 tokens, "

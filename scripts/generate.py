@@ -52,7 +52,8 @@ _WIDTH = flags.DEFINE_integer("width", None, "image width (default: the model's)
                               lower_bound=1)
 _LATENTS = flags.DEFINE_string("latents", None, ".npy initial noise [N, h, w, C] float32 (NHWC)")
 _DEBIAS = flags.DEFINE_bool("debias", False, "use the value token with probability 0.5 each")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
+                           "compute dtype")
 _OUT = flags.DEFINE_string("out", None, "output folder, new or empty", required=True)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace the images already in --out")
 

@@ -101,3 +101,14 @@ def test_float64_stays_float64():
     np.testing.assert_allclose(out, numpy_attention(q, k, v), atol=1e-12)
     dq = jax.grad(lambda q: jnp.sum(attention.blocked_attention(q, k, v) ** 2))(q)
     assert dq.dtype == jnp.float64
+
+
+def test_float16_causal_attention_on_cpu():
+  """The CLIP towers' causal path in float16: XLA's CPU dots refuse float16 inputs with float32
+  accumulation, so the CPU computes it in float32 and returns float16."""
+  q, k, v = inputs(queries=16, keys=16, head_dim=8, seed=4)
+  half = [jnp.asarray(x, jnp.float16) for x in (q, k, v)]
+  out = attention.dot_product_attention(*half, is_causal=True)
+  assert out.dtype == jnp.float16
+  exact = jax.nn.dot_product_attention(*(x.astype(jnp.float32) for x in half), is_causal=True)
+  np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=2e-3)

@@ -44,6 +44,7 @@ def train(config, workdir: str) -> dict:
   """Trains (or resumes) the value encoder; returns the last logged metrics."""
   workdir = outputs.prepare_workdir(workdir)
   recipe.check_keys(config)
+  setup.resolve_auto(config)
   setup.check_config(config, jax.device_count())
   outputs.check_report_to(config.report_to)
   with runtime.WorkdirLock(workdir):

@@ -7,8 +7,9 @@ The recipe (docs/method.md §5): batch 8, 15,000 steps, AdamW lr 1e-6 constant (
 constant schedule, so there is none), gradient clipping at global norm 1, hinge beta 1000, alpha
 500, gamma1 1, gamma2 0.5, 512 px, center crop + random flip, a checkpoint every 1000 steps
 keeping 20, validation images every 1000 steps. Mixed precision: the frozen nets compute in
-bf16, the value encoder's master weights and the loss stay fp32; the UNet is rematerialised (the
-original's gradient checkpointing). docs/training.md explains every key.
+fp16 on GPUs (the original's precision) and fp32 elsewhere (`dtype = "auto"`), the value
+encoder's master weights and the loss stay fp32; the UNet is rematerialised (the original's
+gradient checkpointing). docs/training.md explains every key.
 """
 
 import ml_collections
@@ -34,7 +35,8 @@ def sd15() -> ml_collections.ConfigDict:
   config.model.attention_impl = ""       # "" (per platform), blocked, cudnn, xla
   config.model.merge_unet_passes = True  # theta_w/theta_l in one UNet call of 2B (False: four)
 
-  config.dtype = "bfloat16"              # compute dtype of the frozen nets: bfloat16 / float32
+  config.dtype = "auto"                  # the frozen nets' compute dtype: auto (float16 on GPUs,
+                                         # float32 elsewhere) / float16 / bfloat16 / float32
 
   config.data = ml_collections.ConfigDict()
   config.data.train_dir = ""             # livo_data folder, or one `prepare` made (required)

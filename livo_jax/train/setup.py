@@ -32,8 +32,21 @@ from livo_jax.train import outputs
 from livo_jax.train import sharding
 from livo_jax.train import step as step_lib
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# `dtype = "auto"` by platform (docs/performance.md, "Precision against the hinge margin"):
+# float16 on GPUs, the original's precision, at bfloat16's tensor-core rate with 4-12x less
+# rounding noise in the hinge's gaps (bfloat16's is 20-100% of the recipe's margin); float32
+# elsewhere (CPUs have no fast 16-bit path, TPUs none for float16).
+AUTO_DTYPES = {"gpu": "float16"}
 FROZEN = ("text_encoder", "unet", "vae")
+
+
+def resolve_auto(config) -> None:
+  """Replaces `dtype = "auto"` by the platform's choice, in place (so that the run record and
+  the caches' keys name what ran), and logs it."""
+  if config.dtype == "auto":
+    config.dtype = AUTO_DTYPES.get(jax.default_backend(), "float32")
+    logging.info("dtype auto: %s on %s", config.dtype, jax.default_backend())
 
 
 def check_config(config, num_devices: int) -> None:
@@ -63,7 +76,7 @@ def check_config(config, num_devices: int) -> None:
     raise ConfigError(f"model.remat = {config.model.remat!r}: expected one of "
                       f"{layers.REMAT_POLICIES}")
   if config.dtype not in DTYPES:
-    raise ConfigError(f"dtype = {config.dtype!r}: expected one of {tuple(DTYPES)}")
+    raise ConfigError(f"dtype = {config.dtype!r}: expected 'auto' or one of {tuple(DTYPES)}")
   per_step = num_devices * config.optim.grad_accum_steps
   if config.batch_size % per_step:
     raise ConfigError(f"batch_size = {config.batch_size} must be a multiple of the device count "

@@ -27,6 +27,13 @@ from livo_jax.errors import ConfigError
 from livo_jax.models.vae import sample_latent
 
 
+# A float16 UNet's backward pass carries the value token's gradient in 16 bits, whose normal
+# range ends at 6e-5: the loss is scaled up by a power of two for it, and the gradients scaled
+# back down, exactly, in float32. 2^10 leaves the backward's largest values (O(1) for the
+# hinge) 60x below float16's maximum; a step that still overflows is skipped as non-finite.
+LOSS_SCALES = {"float16": 2.0 ** 10}
+
+
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
   """Everything about the step that is fixed at compile time."""
@@ -39,6 +46,7 @@ class StepSettings:
   grad_accum_steps: int
   merge_passes: bool = True          # theta_w/theta_l in one UNet call of 2B, ref_* in another
   margins: str = "absolute"          # the objective's margins: absolute, or relative (losses)
+  loss_scale: float = 1.0            # the loss's factor for the backward pass (LOSS_SCALES)
 
 
 def draw_noise(rng, batch_size: int, latent_shape: tuple, num_train_timesteps: int,
@@ -149,7 +157,8 @@ def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedule:
       errors = preference_errors(value_encoder, unet, micro["z_w"], micro["z_l"], micro["text"],
                                  micro["value_ids"], micro["draws"], alphas_cumprod, settings,
                                  objective.passes)
-      return objective.loss(errors, **hyperparameters)
+      loss, metrics = objective.loss(errors, **hyperparameters)
+      return loss * settings.loss_scale, metrics
 
     inputs = dict(z_w=z_w, z_l=z_l, text=prompt_states(text_encoder, batch),
                   value_ids=batch["value_ids"], draws=draws)
@@ -171,6 +180,8 @@ def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedule:
           jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda x: x[0], micro_batches)))
       summed, _ = jax.lax.scan(accumulate, zeros, micro_batches)
       (loss, metrics), grads = jax.tree.map(lambda x: x / k, summed)
+    if settings.loss_scale != 1:
+      loss, grads = jax.tree.map(lambda x: x / settings.loss_scale, (loss, grads))
 
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
@@ -215,7 +226,8 @@ def step_settings(config, scheduler_config: schedulers.SchedulerConfig) -> StepS
       snr_gamma=float(loss.snr_gamma), noise_offset=float(loss.noise_offset),
       input_perturbation=float(loss.input_perturbation),
       grad_accum_steps=config.optim.grad_accum_steps,
-      merge_passes=config.model.merge_unet_passes, margins=loss.margins)
+      merge_passes=config.model.merge_unet_passes, margins=loss.margins,
+      loss_scale=LOSS_SCALES.get(config.dtype, 1.0))
 
 
 def check_loss(loss) -> None:
