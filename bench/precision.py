@@ -56,9 +56,9 @@ from livo_jax import conditioning
 from livo_jax import losses
 from livo_jax import schedulers
 from livo_jax.models import UNet2DConditionModel, UNetConfig
+from livo_jax.train.setup import DTYPES   # the trainer's compute dtypes
 from presets import PRESETS
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 SD15_SCHEDULE = schedulers.SchedulerConfig(beta_start=0.00085, beta_end=0.012,
                                            beta_schedule="scaled_linear")
 BETA = 1000.0        # the recipe's beta; gamma1 / beta = gamma2 / alpha = MARGIN

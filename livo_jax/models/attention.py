@@ -34,11 +34,10 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, kv_lengths=None,
     implementation = "blocked"
   if implementation == "blocked" and not is_causal:
     return blocked_attention(q, k, v, kv_lengths)
-  if backend == "cpu" and q.dtype == jnp.float16:
+  dtype = q.dtype
+  if backend == "cpu" and dtype == jnp.float16:
     # XLA's CPU dots refuse float16 inputs with float32 accumulation, which the XLA path asks.
-    upcast = [x.astype(jnp.float32) for x in (q, k, v)]
-    return jax.nn.dot_product_attention(*upcast, is_causal=is_causal,
-                                        key_value_seq_lengths=kv_lengths).astype(q.dtype)
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   call = functools.partial(jax.nn.dot_product_attention, q, k, v, is_causal=is_causal,
                            key_value_seq_lengths=kv_lengths)
   if implementation is None and backend == "gpu":
@@ -46,7 +45,7 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, kv_lengths=None,
       return call(implementation="cudnn")
     except (NotImplementedError, RuntimeError):   # at trace time: cuDNN does not take this
       pass                                        # shape or dtype, or is not there (ROCm)
-  return call(implementation="cudnn" if implementation == "cudnn" else "xla")
+  return call(implementation="cudnn" if implementation == "cudnn" else "xla").astype(dtype)
 
 
 def query_block(batch_heads: int, queries: int, keys: int) -> int:
