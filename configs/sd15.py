@@ -9,8 +9,9 @@ a Hub repo id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (with `model.r
 `model.variant`; docs/weights.md); `data.train_dir` a livo_data folder (docs/method.md §3,
 docs/data.md). The keys and their values are `livo_jax/train/recipe.py`'s, the recipe of
 docs/method.md §5 (batch 8, 15,000 steps, AdamW lr 1e-6, hinge beta 1000 / alpha 500 / gamma1
-1 / gamma2 0.5, 512 px, fp16 frozen nets on GPUs and fp32 elsewhere, UNet remat); any can be
-overridden with `--config.KEY=VALUE`, and an unknown key is an error.
+1 / gamma2 0.5, 512 px, fp16 frozen nets on GPUs and fp32 elsewhere, UNet remat on
+accelerators, latents and prompt states cached once before the first step: each "auto" choice is
+logged); any can be overridden with `--config.KEY=VALUE`, and an unknown key is an error.
 
 What to expect: in `metrics.jsonl`, `gap_w` (= loss_theta_w - loss_ref_w) moves below 0 toward
 -gamma1/beta = -1e-3 and `gap_l` (= loss_ref_l - loss_theta_l) below 0 toward -gamma2/alpha; then

@@ -112,11 +112,11 @@ def test_gradient_accumulation_matches_full_batch(straight, make_config, tmp_pat
   assert_losses_follow(read_metrics(str(tmp_path)), read_metrics(straight))
 
 
-def test_caches_match_the_step(straight, make_config, tmp_path):
-  """Cached VAE moments (both flips) and cached prompt states give the batches the step
-  computes from pixels and token ids."""
-  train.train(make_config(total_steps=2, **{"data.cache_latents": True, "data.cache_text": True}),
-              str(tmp_path))
+def test_pixels_match_the_caches(straight, make_config, tmp_path):
+  """The recipe's cached VAE moments (both flips) and cached prompt states give the batches the
+  step computes from pixels and token ids when the caches are off (the original's work)."""
+  train.train(make_config(total_steps=2, **{"data.cache_latents": False,
+                                            "data.cache_text": False}), str(tmp_path))
   assert_losses_follow(read_metrics(str(tmp_path)), read_metrics(straight))
 
 
@@ -180,8 +180,8 @@ def test_sharded_run_follows_one_device(straight, make_config, sd_folder, train_
     ({"loss.prediction_type": "sample"}, "loss.prediction_type"),
     ({"optim.schedule": "linear"}, "optim.schedule"),
     ({"dtype": "float8"}, r"dtype = 'float8': expected 'auto' or one of"),
-    ({"model.remat": "attention"}, "model.remat = 'attention'"),
-    ({"data.cache_latents": True, "data.center_crop": False}, "center_crop"),
+    ({"model.remat": "attention"}, "model.remat = 'attention': expected 'auto' or one of"),
+    ({"data.center_crop": False}, "needs data.center_crop=True.*data.cache_latents=False"),
     ({"eval.every": 5, "eval.value_statements": ("a", "b", "c")}, "eval.value_statements"),
     ({"total_steps": 0}, "total_steps"),
     ({"sharding.frozen": "everything"}, "sharding.frozen = 'everything'"),
@@ -348,16 +348,17 @@ def test_float16_step_matches_float32(make_config):
                                                           rel=1e-2)
 
 
-def test_auto_dtype_by_platform(make_config, monkeypatch):
+def test_auto_choices_by_platform(make_config, monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
-  for backend, expected in (("cpu", "float32"), ("gpu", "float16"), ("tpu", "float32")):
+  for backend, dtype, remat in (("cpu", "float32", "none"), ("gpu", "float16", "blocks"),
+                                ("tpu", "float32", "blocks")):
     monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
-    config = make_config(dtype="auto")
+    config = make_config(dtype="auto", **{"model.remat": "auto"})
     setup.resolve_auto(config)
-    assert config.dtype == expected
-  config.dtype = "bfloat16"        # a dtype the user set stays
+    assert (config.dtype, config.model.remat) == (dtype, remat)
+  config.dtype, config.model.remat = "bfloat16", "dots"     # what the user set stays
   setup.resolve_auto(config)
-  assert config.dtype == "bfloat16"
+  assert (config.dtype, config.model.remat) == ("bfloat16", "dots")
 
 
 def test_schedules(make_config):
@@ -414,7 +415,8 @@ def test_sd15_config_is_the_recipe():
             "optim.warmup_steps": 0, "optim.b1": 0.9, "optim.b2": 0.999, "optim.eps": 1e-8,
             "optim.weight_decay": 1e-2, "optim.max_grad_norm": 1.0, "loss.beta": 1000.0,
             "loss.alpha": 500.0, "loss.gamma1": 1.0, "loss.gamma2": 0.5, "loss.name": "livo",
-            "loss.margins": "absolute",
+            "loss.margins": "absolute", "dtype": "auto", "model.remat": "auto",
+            "data.cache_latents": True, "data.cache_text": True,
             "data.resolution": 512, "data.center_crop": True, "data.random_flip": True,
             "checkpoint_every": 1000, "keep_checkpoints": 20, "eval.every": 1000}
   assert {k: flat[k] for k in recipe} == recipe

@@ -8,8 +8,12 @@ constant schedule, so there is none), gradient clipping at global norm 1, hinge 
 500, gamma1 1, gamma2 0.5, 512 px, center crop + random flip, a checkpoint every 1000 steps
 keeping 20, validation images every 1000 steps. Mixed precision: the frozen nets compute in
 fp16 on GPUs (the original's precision) and fp32 elsewhere (`dtype = "auto"`), the value
-encoder's master weights and the loss stay fp32; the UNet is rematerialised (the original's
-gradient checkpointing). docs/training.md explains every key.
+encoder's master weights and the loss stay fp32; the UNet is rematerialised on accelerators (the
+original's gradient checkpointing; not on CPUs, where it costs time and saves no memory:
+`model.remat = "auto"`). The VAE moments of every image and the text encoder's states of every
+prompt are computed once and cached (`data.cache_latents`, `data.cache_text`): the same
+mathematics as the original's encoding in every step, without its cost. docs/training.md
+explains every key.
 """
 
 import ml_collections
@@ -31,7 +35,8 @@ def sd15() -> ml_collections.ConfigDict:
   config.model.value_encoder_init = ""   # HF CLIPTextModel folder or repo id; "" = SD's text encoder
   config.model.value_encoder_init_subfolder = ""   # e.g. "value_encoder" in a LiVO release repo
   config.model.value_encoder_init_revision = ""
-  config.model.remat = "blocks"          # kept for the backward pass: none / dots / blocks
+  config.model.remat = "auto"            # kept for the backward pass: auto (none on CPUs, blocks
+                                         # elsewhere) / none / dots / blocks
   config.model.attention_impl = ""       # "" (per platform), blocked, cudnn, xla
   config.model.merge_unet_passes = True  # theta_w/theta_l in one UNet call of 2B (False: four)
 
@@ -45,8 +50,9 @@ def sd15() -> ml_collections.ConfigDict:
   config.data.center_crop = True         # False: random crop
   config.data.random_flip = True
   config.data.skip_bad = False           # True: count and skip bad samples instead of refusing
-  config.data.cache_latents = False      # precompute VAE moments once (needs center_crop)
-  config.data.cache_text = False         # precompute the prompts' text-encoder states once
+  config.data.cache_latents = True       # VAE moments computed once (needs center_crop); False:
+                                         # the VAE encodes both images in every step
+  config.data.cache_text = True          # the prompts' text-encoder states computed once
   config.data.num_threads = 4            # image decoding threads per process
   config.data.prefetch = 2               # batches decoded ahead
   config.data.log_positions = False      # write data_positions/process_<i>.jsonl (audit)

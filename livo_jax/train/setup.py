@@ -33,20 +33,31 @@ from livo_jax.train import sharding
 from livo_jax.train import step as step_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# `dtype = "auto"` by platform (docs/performance.md, "Precision against the hinge margin"):
-# float16 on GPUs, the original's precision, at bfloat16's tensor-core rate with 4-12x less
-# rounding noise in the hinge's gaps (bfloat16's is 20-100% of the recipe's margin); float32
-# elsewhere (CPUs have no fast 16-bit path, TPUs none for float16).
-AUTO_DTYPES = {"gpu": "float16"}
+# What `"auto"` means per platform: (key, {platform: choice}, the choice elsewhere).
+AUTO = (
+    # float16 on GPUs, the original's precision, at bfloat16's tensor-core rate with 4-12x less
+    # rounding noise in the hinge's gaps (bfloat16's is 20-100% of the recipe's margin); float32
+    # elsewhere (CPUs have no fast 16-bit path, TPUs none for float16). docs/performance.md,
+    # "Precision against the hinge margin".
+    ("dtype", {"gpu": "float16"}, "float32"),
+    # On a CPU recomputation costs 21-28% of the step and saves no memory XLA counts
+    # (docs/performance.md, "One LiVO training step"); an accelerator's memory is the limit, so
+    # there the UNet blocks are recomputed, as the original's gradient checkpointing does.
+    ("model.remat", {"cpu": "none"}, "blocks"),
+)
 FROZEN = ("text_encoder", "unet", "vae")
 
 
 def resolve_auto(config) -> None:
-  """Replaces `dtype = "auto"` by the platform's choice, in place (so that the run record and
-  the caches' keys name what ran), and logs it."""
-  if config.dtype == "auto":
-    config.dtype = AUTO_DTYPES.get(jax.default_backend(), "float32")
-    logging.info("dtype auto: %s on %s", config.dtype, jax.default_backend())
+  """Replaces each `"auto"` of `AUTO` by the platform's choice, in place (so that the run record
+  and the caches' keys name what ran), and logs it. A value the user set stays."""
+  platform = jax.default_backend()
+  for key, by_platform, elsewhere in AUTO:
+    *parents, leaf = key.split(".")
+    node = _value(config, ".".join(parents)) if parents else config
+    if node[leaf] == "auto":
+      node[leaf] = by_platform.get(platform, elsewhere)
+      logging.info("%s auto: %s on %s", key, node[leaf], platform)
 
 
 def check_config(config, num_devices: int) -> None:
@@ -73,7 +84,7 @@ def check_config(config, num_devices: int) -> None:
   if resolution < 8 or resolution % 8:
     raise ConfigError(f"data.resolution = {resolution}: must be a positive multiple of 8")
   if config.model.remat not in layers.REMAT_POLICIES:
-    raise ConfigError(f"model.remat = {config.model.remat!r}: expected one of "
+    raise ConfigError(f"model.remat = {config.model.remat!r}: expected 'auto' or one of "
                       f"{layers.REMAT_POLICIES}")
   if config.dtype not in DTYPES:
     raise ConfigError(f"dtype = {config.dtype!r}: expected 'auto' or one of {tuple(DTYPES)}")
@@ -84,7 +95,8 @@ def check_config(config, num_devices: int) -> None:
                       f"({config.optim.grad_accum_steps})")
   if config.data.cache_latents and not config.data.center_crop:
     raise ConfigError("data.cache_latents needs data.center_crop=True: a random crop changes the "
-                      "pixels at every draw, so their latents cannot be cached")
+                      "pixels at every draw, so their latents cannot be cached (set "
+                      "data.cache_latents=False to encode the pixels in every step)")
   step_lib.check_loss(config.loss)
   optim.check(config.optim)
   outputs.check_eval(config.eval)
