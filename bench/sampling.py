@@ -7,9 +7,12 @@ Both sides load the same random diffusers folder and start from the same latents
 CFG 7.5). On a GPU diffusers runs in fp16 with SDPA attention and ours in bf16 (--dtype); on a
 CPU both in fp32. Prints one JSON object with the median seconds per image of each side after
 warm-up, the images per second, the ratio torch / flax (> 1 means ours is faster), our compile
-time, and the mean pixel difference (large in 16-bit: fp16 and bf16 round differently).
+time, the mean pixel difference (large in 16-bit: fp16 and bf16 round differently) and
+`attention_impl_used`: how many of our traced attention calls ran each implementation
+(`livo_jax.models.attention.record`; see bench/train_step.py).
 """
 
+import functools
 import json
 import os
 import platform
@@ -27,6 +30,7 @@ import torch
 
 from livo_jax import sampling
 from livo_jax import weights
+from livo_jax.models import attention
 from timing import median_seconds
 
 # The random SD folder is built the way the tests build theirs.
@@ -58,7 +62,7 @@ def main(argv):
     torch_pipe = torch_pipe.to("cuda", torch.float16)
   sd = weights.load_sd(root, dtype=jnp.dtype(dtype))
   prompts = ["a red circle on a blue square"] * _BATCH.value
-  size = _RESOLUTION.value // 8
+  size = _RESOLUTION.value // torch_pipe.vae_scale_factor
   latents = np.random.default_rng(0).standard_normal((_BATCH.value, size, size, 4)).astype(
       np.float32)
 
@@ -71,18 +75,20 @@ def main(argv):
                           output_type="np").images   # a host copy: waits for the GPU
     return np.round(images * 255)
 
-  run_ours = lambda: sampling.generate(sd, prompts, steps=_STEPS.value, latents=latents)
+  run_ours = functools.partial(sampling.generate, sd, prompts, steps=_STEPS.value,
+                               latents=latents)
   start = time.perf_counter()
-  run_ours()
+  with attention.record() as attention_used:   # the first call traces
+    run_ours()
   first_call = time.perf_counter() - start
   flax_seconds, ours = median_seconds(run_ours, _REPEATS.value)
-  del sd
+  del sd, run_ours   # our models leave the device before torch's run
   run_torch()  # warm-up
   torch_seconds, reference = median_seconds(run_torch, _REPEATS.value)
   print(json.dumps({
       "benchmark": "sampling_dpm", "preset": _PRESET.value, "batch": _BATCH.value,
       "steps": _STEPS.value, "image_size": int(ours.shape[1]),
-      "unet": PRESETS[_PRESET.value]["unet"]["block_out_channels"],
+      "unet": list(torch_pipe.unet.config.block_out_channels),
       "torch_dtype": str(torch_pipe.dtype), "flax_dtype": dtype,
       "torch_images_per_second": round(_BATCH.value / torch_seconds, 3),
       "flax_images_per_second": round(_BATCH.value / flax_seconds, 3),
@@ -91,6 +97,7 @@ def main(argv):
       "speedup_flax_over_torch": round(torch_seconds / flax_seconds, 3),
       "flax_compile_seconds": round(first_call - flax_seconds, 2),
       "mean_abs_pixel_difference": float(np.abs(ours - reference).mean()),
+      "attention_impl_used": dict(attention_used),
       "torch_threads": torch.get_num_threads(), "jax_backend": jax.default_backend(),
       "device": torch.cuda.get_device_name() if cuda else "cpu",
       "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

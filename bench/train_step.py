@@ -18,19 +18,23 @@ by "+", each switch turning one optimisation off or on:
   +separate     four separate UNet calls instead of the merged 2B calls;
   +attention=X  attention implementation (blocked, cudnn, xla; default: per platform);
   +remat=X      UNet remat policy (none, dots, blocks; default --remat);
-  +dtype=X      compute dtype of the frozen nets (float32, bfloat16; default --dtype);
+  +dtype=X      compute dtype of the frozen nets (float32, bfloat16, float16; default --dtype);
   +sync         wait for each step's metrics before the next step (a loop that reads the loss
                 every step); by default steps are dispatched three at a time, back to back,
                 as the trainer runs them;
   +nodonate     the train state is not donated (XLA copies it instead of updating in place).
-Each side runs in its own subprocess, so each peak memory is its own; a variant that fails
-(e.g. out of memory) is reported with its error and the others still run. Prints one JSON
-object: seconds per step after warm-up (the median over --repeats calls of one step, or of
-three back-to-back steps), speedups torch / ours (> 1: ours is faster), compile
-seconds, peak memory (host RSS on CPU, device peak on GPU), the model FLOPs per step that XLA
-counts (in the step lowered with XLA attention and no remat: loops such as the blocked
-attention's are counted once by XLA, and the cuDNN kernel not at all) and, on GPU, the MFU
-against the chip's dense bf16 peak (--peak_tflops, default the H100's 989).
+Each side runs in its own subprocess, so each peak memory is its own; a side that fails
+(e.g. out of memory) is reported with its error, `error`: the exception's type and first line,
+beside what it had measured, and the others still run. Prints one JSON object: seconds per
+step after warm-up (the median over --repeats calls of one step, or of three back-to-back
+steps), speedups torch / ours (> 1: ours is faster), compile seconds, peak memory (host RSS on
+CPU, device peak on GPU), `attention_impl_used`: how many of the step's traced attention calls
+ran each implementation (`livo_jax.models.attention.record`; with the per-platform default on a
+GPU, a call cuDNN refused counts as "xla (cuDNN refused ...)" with cuDNN's reason), the model
+FLOPs per step that XLA counts (in the step lowered with XLA attention and no remat: loops such
+as the blocked attention's are counted once by XLA, and the cuDNN kernel not at all) and, on
+GPU, the MFU against the chip's dense bf16 peak (--peak_tflops, default the H100's 989). Exits
+with 1 (after the JSON) when a side failed.
 """
 
 import json
@@ -132,20 +136,24 @@ def parse_variant(variant: str, args) -> dict:
   return options
 
 
-def run_jax(args, folder: str, variant: str) -> dict:
+def run_jax(args, folder: str, variant: str, result: dict) -> None:
+  """Measures the variant into `result`, which keeps what was measured if an error stops it."""
   import jax  # pylint: disable=g-import-not-at-top
+  from livo_jax.models import attention  # pylint: disable=g-import-not-at-top
   from livo_jax.train import recipe, setup, sharding  # pylint: disable=g-import-not-at-top
 
   options = parse_variant(variant, args)
   gpu = jax.default_backend() != "cpu"
-  dtype = options["dtype"] or ("bfloat16" if gpu else "float32")
+  dtype = options["dtype"] or setup.auto_choice("dtype")
+  result.update(jax=jax.__version__, device=jax.devices()[0].device_kind, dtype=dtype,
+                options=dict(options, attention=options["attention"] or "auto", dtype=dtype))
   mesh = sharding.make_mesh(-1, 1, devices=jax.devices()[:1])
 
-  def make_trainer(attention: str, remat: str):
+  def make_trainer(attention_impl: str, remat: str):
     """The trainer's own setup (`setup.build_trainer`) for the recipe with these switches."""
     config = recipe.sd15()
     config.model.pretrained = folder
-    config.model.attention_impl, config.model.remat = attention, remat
+    config.model.attention_impl, config.model.remat = attention_impl, remat
     config.model.merge_unet_passes = not options["separate"]
     config.dtype = dtype
     config.batch_size = args.batch
@@ -163,16 +171,21 @@ def run_jax(args, folder: str, variant: str) -> dict:
     batch["prompt_embeds"] = setup.cache_encoder(sd.text_encoder, mesh,
                                                  setup.prompt_hidden_states)(batch["prompt_ids"])
   batch = jax.device_put(batch)
+  with attention.record() as used:   # jit traces the step here, and only here
+    lowered = trainer.step.lower(trainer.state, trainer.frozen, batch)
+  result["attention_impl_used"] = dict(used)
 
   # The model FLOPs: the same step with XLA attention (counted by XLA) and no recomputation.
-  counted = (trainer if (options["attention"], options["remat"]) == ("xla", "none")
-             else make_trainer("xla", "none")[0])
-  cost = counted.step.lower(counted.state, counted.frozen, batch).cost_analysis()
-  del counted
+  if (options["attention"], options["remat"]) == ("xla", "none"):
+    cost = lowered.cost_analysis()
+  else:
+    counted = make_trainer("xla", "none")[0]
+    cost = counted.step.lower(counted.state, counted.frozen, batch).cost_analysis()
+    del counted
 
   start = time.perf_counter()
-  compiled = trainer.step.lower(trainer.state, trainer.frozen, batch).compile()
-  compile_seconds = time.perf_counter() - start
+  compiled = lowered.compile()
+  result["compile_seconds"] = time.perf_counter() - start
   holder = [trainer.state]
 
   def steps(n: int):
@@ -187,10 +200,7 @@ def run_jax(args, folder: str, variant: str) -> dict:
   per_call = 1 if options["sync"] else 3
   seconds, metrics = median_seconds(lambda: steps(per_call), args.repeats)
   seconds /= per_call
-  result = dict(step_seconds=seconds, compile_seconds=compile_seconds,
-                loss=float(metrics["loss"]), jax=jax.__version__,
-                device=jax.devices()[0].device_kind, dtype=dtype,
-                options=dict(options, attention=options["attention"] or "auto", dtype=dtype))
+  result.update(step_seconds=seconds, loss=float(metrics["loss"]))
   memory = compiled.memory_analysis()
   if memory is not None:
     result["xla_temp_mb"] = memory.temp_size_in_bytes / 2**20
@@ -204,7 +214,11 @@ def run_jax(args, folder: str, variant: str) -> dict:
     if "peak_bytes_in_use" in stats:
       result["peak_device_mb"] = stats["peak_bytes_in_use"] / 2**20
   result["peak_host_mb"] = peak_host_mb()
-  return result
+
+
+def error_line(e: BaseException) -> str:
+  """"Type: the first line of its message" (XLA's out-of-memory errors go on for pages)."""
+  return f"{type(e).__name__}: {str(e).strip()}".splitlines()[0]
 
 
 DEFAULT_VARIANTS = ("pixels,pixels+separate,latents,latents+text,latents+text+attention=xla,"
@@ -219,7 +233,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed calls first")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls (the median is reported)")
 _REMAT = flags.DEFINE_string("remat", "none", "UNet remat policy: none, dots, blocks")
 _ATTENTION = flags.DEFINE_string("attention", "", "attention implementation ('': auto)")
-_DTYPE = flags.DEFINE_string("dtype", "", "float32 or bfloat16 ('': bf16 on GPU)")
+_DTYPE = flags.DEFINE_string("dtype", "", "float32, bfloat16 or float16 ('': the recipe's "
+                             "auto, float16 on GPU)")
 _VARIANTS = flags.DEFINE_string("variants", DEFAULT_VARIANTS,
                                 "comma-separated variants of our side (see the docstring)")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 989.0, "the chip's dense bf16 peak, for MFU")
@@ -239,9 +254,15 @@ def main(argv):
     parse_variant(variant, args)   # a typo fails before anything runs
 
   if _SIDE.value:
-    side = run_torch(args, _FOLDER.value) if _SIDE.value == "torch" else run_jax(
-        args, _FOLDER.value, _SIDE.value)
-    print("RESULT " + json.dumps(side))
+    result = {}
+    try:
+      if _SIDE.value == "torch":
+        result.update(run_torch(args, _FOLDER.value))
+      else:
+        run_jax(args, _FOLDER.value, _SIDE.value, result)
+    except Exception as e:  # pylint: disable=broad-except
+      result["error"] = error_line(e)   # e.g. out of memory: reported with what was measured
+    print("RESULT " + json.dumps(result))
     return
 
   folder = _FOLDER.value or make_folder(args.preset, tempfile.mkdtemp())
@@ -251,8 +272,8 @@ def main(argv):
         a for a in sys.argv[1:] if not a.startswith(("--folder", "--side"))]
     out = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    if out.returncode or not lines:
-      return dict(error=out.stderr.strip().splitlines()[-1:] or [f"exit {out.returncode}"])
+    if not lines:   # it died (e.g. killed for host memory): its exit status and last words
+      return dict(error=f"exit {out.returncode}: " + "".join(out.stderr.strip().splitlines()[-1:]))
     return json.loads(lines[-1][len("RESULT "):])
 
   results = {"torch": side("torch")}
@@ -265,6 +286,7 @@ def main(argv):
       benchmark="train_step", preset=args.preset, resolution=args.resolution, batch=args.batch,
       cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
       date=time.strftime("%Y-%m-%d"), **results), indent=2))
+  sys.exit(1 if any("error" in r for r in results.values()) else 0)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@
     matrix and its softmax (and keeps them for the backward pass);
   - None: "blocked" on CPU, "cudnn" on GPU where cuDNN takes the shape and dtype, "xla" else.
 Causal attention (the CLIP text towers, 77 tokens) always goes through
-`jax.nn.dot_product_attention`.
+`jax.nn.dot_product_attention`. `record()` tells which implementation each traced call ran.
 """
 
+import collections
+import contextlib
 import functools
 
 import jax
@@ -22,6 +24,29 @@ IMPLEMENTATIONS = ("blocked", "cudnn", "xla")
 # blocks of 32 queries 58 ms, 64: 70 ms, 256: 84 ms, one block (no blocking) 135 ms.
 _BLOCK_SCORES = 2 ** 20
 
+_records = []  # the counters of the `record()` blocks open now
+
+
+@contextlib.contextmanager
+def record():
+  """Yields a Counter of the implementations that the attention calls traced in the block ran.
+
+  Keys: "blocked", "cudnn", "xla", and where the per-platform default passed cuDNN over on a GPU,
+  "xla (cuDNN refused q [B, T, heads, head_dim] dtype: the first line of its error)". Only
+  tracing counts: a call that jit finds in its cache runs what was traced before.
+  """
+  counts = collections.Counter()
+  _records.append(counts)
+  try:
+    yield counts
+  finally:
+    _records.remove(counts)
+
+
+def _ran(implementation: str) -> None:
+  for counts in _records:
+    counts[implementation] += 1
+
 
 def dot_product_attention(q, k, v, *, is_causal: bool = False, kv_lengths=None,
                           implementation: str | None = None):
@@ -33,6 +58,7 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, kv_lengths=None,
   if implementation is None and not is_causal and backend == "cpu":
     implementation = "blocked"
   if implementation == "blocked" and not is_causal:
+    _ran("blocked")
     return blocked_attention(q, k, v, kv_lengths)
   dtype = q.dtype
   if backend == "cpu" and dtype == jnp.float16:
@@ -40,12 +66,19 @@ def dot_product_attention(q, k, v, *, is_causal: bool = False, kv_lengths=None,
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   call = functools.partial(jax.nn.dot_product_attention, q, k, v, is_causal=is_causal,
                            key_value_seq_lengths=kv_lengths)
+  kernel, refused = ("cudnn" if implementation == "cudnn" else "xla"), ""
   if implementation is None and backend == "gpu":
+    # At trace time, cuDNN raises for a shape or dtype it does not take, or is not there (ROCm).
     try:
-      return call(implementation="cudnn")
-    except (NotImplementedError, RuntimeError):   # at trace time: cuDNN does not take this
-      pass                                        # shape or dtype, or is not there (ROCm)
-  return call(implementation="cudnn" if implementation == "cudnn" else "xla").astype(dtype)
+      out = call(implementation="cudnn")
+    except (NotImplementedError, RuntimeError) as e:
+      refused = f" (cuDNN refused q {list(q.shape)} {q.dtype}: {e}".splitlines()[0] + ")"
+    else:
+      _ran("cudnn")
+      return out
+  out = call(implementation=kernel).astype(dtype)
+  _ran(kernel + refused)
+  return out
 
 
 def query_block(batch_heads: int, queries: int, keys: int) -> int:

@@ -48,16 +48,21 @@ AUTO = (
 FROZEN = ("text_encoder", "unet", "vae")
 
 
+def auto_choice(key: str) -> str:
+  """What `"auto"` means for `key` (one of `AUTO`'s) on this platform."""
+  by_platform, elsewhere = {k: (b, e) for k, b, e in AUTO}[key]
+  return by_platform.get(jax.default_backend(), elsewhere)
+
+
 def resolve_auto(config) -> None:
   """Replaces each `"auto"` of `AUTO` by the platform's choice, in place (so that the run record
   and the caches' keys name what ran), and logs it. A value the user set stays."""
-  platform = jax.default_backend()
-  for key, by_platform, elsewhere in AUTO:
+  for key, _, _ in AUTO:
     *parents, leaf = key.split(".")
     node = _value(config, ".".join(parents)) if parents else config
     if node[leaf] == "auto":
-      node[leaf] = by_platform.get(platform, elsewhere)
-      logging.info("%s auto: %s on %s", key, node[leaf], platform)
+      node[leaf] = auto_choice(key)
+      logging.info("%s auto: %s on %s", key, node[leaf], jax.default_backend())
 
 
 def check_config(config, num_devices: int) -> None:
