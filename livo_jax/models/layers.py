@@ -34,12 +34,45 @@ def linear(in_features: int, out_features: int, init: Init, *, bias: bool = True
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: int, init: Init, *, stride: int = 1,
-         padding: int | None = None) -> nnx.Conv:
+         padding: int | None = None) -> "Conv":
   """A 2-D convolution with torch's symmetric padding (default: `kernel_size // 2`)."""
   pad = kernel_size // 2 if padding is None else padding
-  return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
-                  padding=((pad, pad), (pad, pad)), dtype=init.dtype,
-                  param_dtype=init.param_dtype, rngs=init.rngs)
+  return Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
+              padding=((pad, pad), (pad, pad)), dtype=init.dtype, param_dtype=init.param_dtype,
+              rngs=init.rngs)
+
+
+# On a CPU, a convolution with at most this many output positions and at least this many
+# input features per position (kernel taps x input channels) is one matmul over gathered
+# patches: XLA's CPU convolution runs SD's deepest levels (640-1280 channels at 2x2 to 8x8) at
+# 1-7 GFLOP/s and 1.5-20x slower than that matmul, forward and backward; with few channels the
+# convolution is faster, and compiles faster (docs/performance.md, "Small convolutions").
+IM2COL_MAX_POSITIONS = 64
+IM2COL_MIN_FEATURES = 2304      # 3x3 x 256 channels
+
+
+class Conv(nnx.Conv):
+  """`nnx.Conv` (same parameters), as a patch matmul where that is faster (`IM2COL_*`)."""
+
+  def __call__(self, x):
+    (kh, kw), (sh, sw) = self.kernel_size, _pair(self.strides)
+    (top, bottom), (left, right) = self.padding
+    ho = (x.shape[1] + top + bottom - kh) // sh + 1
+    wo = (x.shape[2] + left + right - kw) // sw + 1
+    if (jax.default_backend() != "cpu" or ho * wo > IM2COL_MAX_POSITIONS
+        or kh * kw * x.shape[-1] < IM2COL_MIN_FEATURES):
+      return super().__call__(x)
+    x = jnp.pad(x.astype(self.dtype), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    patches = jnp.concatenate(
+        [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+         for i in range(kh) for j in range(kw)], axis=-1)      # [B, ho, wo, kh*kw*Cin]
+    kernel = self.kernel[...].astype(self.dtype)
+    y = patches @ kernel.reshape(-1, kernel.shape[-1])   # the kernel's (i, j, c) order
+    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+def _pair(value) -> tuple[int, int]:
+  return (value, value) if isinstance(value, int) else tuple(value)
 
 
 class GroupNorm(nnx.Module):
