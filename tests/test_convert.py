@@ -37,8 +37,8 @@ def torch_tensors(folder):
   kind = weights.kind_of_folder(folder)
   tensors = {}
   for path in weights.folders.weights_files(folder, kind):
-    tensors.update(weights.tensors.read_tensors(path))
-  return kind.normalise_keys(tensors)
+    tensors.update(weights.tensors.open_tensors(path))
+  return {k: np.asarray(v) for k, v in kind.normalise_keys(tensors).items()}
 
 
 def assert_bit_exact(a, b):
@@ -306,6 +306,22 @@ def test_tool_error_is_one_line_naming_the_key(sd_folder, tmp_path):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and "conv_in.bias" in lines[0], result.stderr
   assert not os.path.exists(tmp_path / "out" / "flax_params")
+
+
+def test_tool_non_finite_weights_stop_the_import_in_one_line(sd_folder, tmp_path):
+  """Found as the tensors stream, with part of the checkpoint written: one line, no folder."""
+  key = "encoder.layers.1.mlp.fc2.weight"
+  def poison(tensors):
+    tensors[key] = tensors[key].copy()
+    tensors[key][0, 0] = np.nan
+  folder = edited_copy(os.path.join(sd_folder, "text_encoder"), str(tmp_path / "t"),
+                       edit_tensors=poison)
+  result = run_tool("import", folder, str(tmp_path / "out"))
+  assert result.returncode == 1
+  assert result.stderr.splitlines() == [
+      f"convert_weights import: error: {folder}/model.safetensors: non-finite weights in {key} "
+      "(1 of 1,536 values are NaN or inf)"]
+  assert os.listdir(tmp_path) == ["t"]
 
 
 def test_sharded_safetensors_load(tmp_path, sd_folder):

@@ -7,6 +7,10 @@ installed), or a Flax checkpoint (`config.json` + `flax_params/`). Written: the 
 config first, each atomically (`livo_jax.files.atomic_folder`), so that
 `transformers.CLIPTextModel` / `diffusers.UNet2DConditionModel` / `diffusers.AutoencoderKL`
 `.from_pretrained` load them with no missing and no unexpected keys.
+
+Tensors are read one at a time, when they are needed (`open_model`): a load holds the model and
+one tensor, and a conversion (`write_flax`, `write_pretrained` of `open_model`'s tensors) one
+tensor, or one group of them, and never the model.
 """
 
 import dataclasses
@@ -62,41 +66,55 @@ def load_model(model: str | ModelRef, kind: ModelKind | None = None, *, dtype=jn
   """
   ref = hub.as_ref(model, variant=variant)
   folder = hub.component_folder(ref, kind)
-  kind = kind or kind_of_folder(folder)
-  net = _abstract_model(folder, kind, dtype=dtype, **model_kwargs)
-  weights = read_weights(folder, kind, ref.variant)
-  if weights.is_flax:
-    layout.fill_from_checkpoint(net, weights.tensors, weights.source, dtype=param_dtype)
-  else:
-    layout.fill_from_torch(net, kind.normalise_keys(weights.tensors), weights.source,
-                           dtype=param_dtype)
+  net, tensors = open_model(folder, kind or kind_of_folder(folder), ref.variant, dtype=dtype,
+                            **model_kwargs)
+  layout.fill(net, tensors, dtype=param_dtype)
   return net
+
+
+def open_model(folder: str, kind: ModelKind, variant: str | None = None,
+               **model_kwargs) -> tuple[nnx.Module, dict[tuple, tensor_files.Tensor]]:
+  """A component folder's model with shapes but no values, and its parameters' tensors.
+
+  The tensors, {Flax path: tensor}, match the model's parameters (else `WeightsError` naming
+  the keys) and are read from the folder's files one by one as they are asked for (each raises
+  `WeightsError` then if it holds NaN/inf): what `load_model` fills the model with, and what a
+  conversion writes without ever holding the model.
+  """
+  net = _abstract_model(folder, kind, **model_kwargs)
+  return net, _model_tensors(net, kind, read_weights(folder, kind, variant))
 
 
 @dataclasses.dataclass(frozen=True)
 class Weights:
-  """A component folder's tensors as stored, and what names them in messages."""
-  tensors: dict[str, np.ndarray]
+  """A component folder's tensors as stored (read when asked), and what names them in
+  messages."""
+  tensors: dict[str, "np.ndarray | tensor_files.Tensor"]
   source: str     # the weights file, or the folder of shards or of a Flax checkpoint
   is_flax: bool   # keyed by Flax paths (`save_flax`), not torch keys
 
 
 def read_weights(folder: str, kind: ModelKind, variant: str | None = None) -> Weights:
+  """The folder's tensors: keys, shapes and dtypes read, values not yet."""
   if tensor_files.is_flax_checkpoint(folder):
-    return Weights(tensor_files.read_flax_params(folder),
+    return Weights(tensor_files.open_flax_params(folder),
                    os.path.join(folder, tensor_files.FLAX_PARAMS_DIR), is_flax=True)
   paths = weights_files(folder, kind, variant)
-  return Weights(tensor_files.read_all(paths), paths[0] if len(paths) == 1 else folder,
+  return Weights(tensor_files.open_all(paths), paths[0] if len(paths) == 1 else folder,
                  is_flax=False)
 
 
 def check_weights(folder: str, kind: ModelKind, weights: Weights) -> None:
   """Raises the `WeightsError` that loading `weights` into the folder's model would."""
-  model = _abstract_model(folder, kind)
+  for tensor in _model_tensors(_abstract_model(folder, kind), kind, weights).values():
+    np.asarray(tensor)   # reads it, and so checks it is finite
+
+
+def _model_tensors(model: nnx.Module, kind: ModelKind,
+                   weights: Weights) -> dict[tuple, tensor_files.Tensor]:
   if weights.is_flax:
-    layout.check_checkpoint(model, weights.tensors, weights.source)
-  else:
-    layout.check_torch(model, kind.normalise_keys(weights.tensors), weights.source)
+    return layout.from_checkpoint(model, weights.tensors, weights.source)
+  return layout.from_torch(model, kind.normalise_keys(weights.tensors), weights.source)
 
 
 def _abstract_model(folder: str, kind: ModelKind, **model_kwargs) -> nnx.Module:
@@ -146,9 +164,18 @@ def save_pretrained(model: nnx.Module, folder: str, kind: ModelKind | None = Non
   only with `overwrite`, else `FileExistsError`.
   """
   kind = kind or kinds.kind_of_model(model)
-  state = {kind.save_prefix + k: v for k, v in layout.torch_state_dict(model).items()}
-  with files.atomic_folder(folder, replace=overwrite) as tmp:
-    files.write_json(export_config(model, kind, base_config), os.path.join(tmp, CONFIG_NAME))
+  write_pretrained(folder, kind, export_config(model, kind, base_config),
+                   layout.parameters(model), replace=overwrite, add_files=add_files)
+
+
+def write_pretrained(folder: str, kind: ModelKind, config: Mapping[str, Any],
+                     tensors: Mapping[tuple, Any], *, replace: bool = False,
+                     add_files: Callable[[str], None] | None = None) -> None:
+  """`save_pretrained` of a model's config.json and its parameters' tensors, {Flax path:
+  tensor} (arrays, or `Tensor`s read one at a time as they are written)."""
+  state = {kind.save_prefix + k: v for k, v in layout.to_torch(tensors).items()}
+  with files.atomic_folder(folder, replace=replace) as tmp:
+    files.write_json(config, os.path.join(tmp, CONFIG_NAME))
     tensor_files.write_safetensors(state, os.path.join(tmp, f"{kind.weights_name}.safetensors"))
     if add_files:
       add_files(tmp)
@@ -161,6 +188,11 @@ def save_flax(model: nnx.Module, folder: str, kind: ModelKind | None = None, *,
   Only this project reads it (`load_model`); `export_folder` turns it back into torch layout.
   """
   kind = kind or kinds.kind_of_model(model)
+  write_flax(folder, export_config(model, kind, base_config), layout.parameters(model))
+
+
+def write_flax(folder: str, config: Mapping[str, Any], tensors: Mapping[tuple, Any]) -> None:
+  """`save_flax` of a model's config.json and its parameters' tensors, {Flax path: tensor}."""
   with files.atomic_folder(folder) as tmp:
-    files.write_json(export_config(model, kind, base_config), os.path.join(tmp, CONFIG_NAME))
-    tensor_files.write_flax_params(layout.flax_state_dict(model), tmp)
+    files.write_json(config, os.path.join(tmp, CONFIG_NAME))
+    tensor_files.write_flax_params(layout.to_checkpoint(tensors), tmp)

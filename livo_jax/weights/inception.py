@@ -8,6 +8,7 @@ parameters, take the torch names `models.inception.BATCH_STAT_KEYS` gives them.
 """
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from livo_jax.errors import WeightsError
@@ -42,7 +43,7 @@ def fill_fid_inception(model: InceptionV3, tensors, source: str, dtype=None) -> 
   layout.fill_from_torch(model, {k: v for k, v in tensors.items() if k not in stats}, source,
                          dtype=dtype)
   for key, var in stats.items():
-    var.set_value(jnp.asarray(tensors[key], dtype=dtype))
+    var.set_value(jnp.asarray(np.asarray(tensors[key]), dtype=dtype))
 
 
 def load_fid_inception(path: str, dtype=jnp.float32, param_dtype=None) -> InceptionV3:
@@ -55,7 +56,7 @@ def load_fid_inception(path: str, dtype=jnp.float32, param_dtype=None) -> Incept
     dtype: compute dtype.
     param_dtype: storage dtype of the parameters; None keeps the file's dtypes.
   """
-  tensors = tensor_files.read_tensors(path)
+  tensors = tensor_files.open_tensors(path)
   model = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0), dtype=dtype))
   fill_fid_inception(model, tensors, path, dtype=param_dtype)
   return model
