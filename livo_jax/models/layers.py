@@ -46,7 +46,7 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, init: Init, *, s
 # input features per position (kernel taps x input channels) is one matmul over gathered
 # patches: XLA's CPU convolution runs SD's deepest levels (640-1280 channels at 2x2 to 8x8) at
 # 1-7 GFLOP/s and 1.5-20x slower than that matmul, forward and backward; with few channels the
-# convolution is faster, and compiles faster (docs/performance.md, "Small convolutions").
+# convolution is faster, and compiles faster (docs/performance.md, "What a user gets").
 IM2COL_MAX_POSITIONS = 64
 IM2COL_MIN_FEATURES = 2304      # 3x3 x 256 channels
 
