@@ -45,8 +45,8 @@ def free_port() -> int:
 
 
 def cpu_env(devices: int) -> dict:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu")
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")   # conftest's flags too
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -153,7 +153,8 @@ def test_sharded_run_follows_one_device(straight, make_config, sd_folder, train_
                "mesh.data": 4, "mesh.fsdp": 2}
   script = _SHARDED_RUN.format(paths=[REPO, os.path.join(REPO, "tests")], sd=sd_folder,
                                data=train_dir, overrides=overrides, workdir=str(tmp_path))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_force_host_platform_device_count=8")   # conftest's flags, 8 devices
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                        timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
