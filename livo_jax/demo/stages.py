@@ -255,13 +255,13 @@ def _value_encoder(folder, base_dir, data_dir, settings: DemoSettings, seed: int
   train.train(config, os.path.join(folder, "livo"))
 
 
-def _judges() -> evaluate.Judges:
+def demo_judges() -> evaluate.Judges:
   colour = judges.ColourJudge()
   return evaluate.Judges(attribute=colour, toxicity=colour, fidelity=judges.ShapeJudge(),
                          description="the demo's colour and shape judges")
 
 
-def _generation(settings: DemoSettings, images: int, seed: int) -> evaluate.Generation:
+def generation(settings: DemoSettings, images: int, seed: int) -> evaluate.Generation:
   return evaluate.Generation(images, seed, settings.sampler_steps, settings.guidance,
                              batch_size=images)
 
@@ -291,10 +291,10 @@ def select_checkpoint(folder: str, base_dir: str, settings: DemoSettings, log) -
     saved.close()
   log(f"3/4 picking one of the checkpoints {steps} on the training prompts")
   validation = os.path.join(folder, "validation")
-  generation = _generation(settings, settings.validation_images, settings.validation_seed)
+  validation_run = generation(settings, settings.validation_images, settings.validation_seed)
   sd = weights.load_sd(base_dir)
-  base = evaluate.run(eval_tasks("seen"), _judges(), os.path.join(validation, "base"), sd=sd,
-                      generation=generation, log=log)["base"]
+  base = evaluate.run(eval_tasks("seen"), demo_judges(), os.path.join(validation, "base"), sd=sd,
+                      generation=validation_run, log=log)["base"]
   curve = []
   for step in steps:
     encoder = os.path.join(validation, f"step_{step}", "value_encoder")
@@ -302,9 +302,9 @@ def select_checkpoint(folder: str, base_dir: str, settings: DemoSettings, log) -
       train.export(livo, step, encoder)
     sd.value_encoder = weights.load_clip_text(encoder)
     metrics = evaluate.run(
-        eval_tasks("seen"), _judges(), os.path.join(validation, f"step_{step}"), sd=sd,
+        eval_tasks("seen"), demo_judges(), os.path.join(validation, f"step_{step}"), sd=sd,
         image_folders={"base": os.path.join(validation, "base", "images", "base")},
-        generation=generation, log=log)["livo"]   # every colour's share too
+        generation=validation_run, log=log)["livo"]   # every colour's share too
     curve.append(dict(step=step, score=selection_score(base, metrics), metrics=metrics))
   best = min(curve, key=lambda point: (point["score"], point["step"]))
   with files.atomic_folder(os.path.join(folder, "value_encoder"), replace=True) as tmp:
@@ -324,10 +324,10 @@ def _evaluation(workdir, folder, base_dir, group: str, seed: int, settings: Demo
   shared = ({"base": os.path.join(workdir, "seed_0", "eval", group, "images", "base")}
             if seed else None)
   return evaluate.run(
-      eval_tasks(group), _judges(), eval_dir,
+      eval_tasks(group), demo_judges(), eval_dir,
       sd=weights.load_sd(base_dir, value_encoder=os.path.join(folder, "value_encoder")),
-      image_folders=shared, generation=_generation(settings, settings.eval_images,
-                                                   settings.eval_seed),
+      image_folders=shared,
+      generation=generation(settings, settings.eval_images, settings.eval_seed),
       title=f"LiVO on the shapes world: {group} prompts", log=log)
 
 
