@@ -24,6 +24,7 @@ import os
 from absl import app
 from absl import flags
 
+from livo_jax import files
 from livo_jax import weights
 from livo_jax.demo import stages
 from livo_jax.eval import evaluate
@@ -63,10 +64,13 @@ def value_halves(eval_dir: str) -> list[str]:
   return lines
 
 
-def evaluate_encoder(workdir, encoder, out, group, settings, tasks=None) -> dict:
+def evaluate_encoder(sd, encoder, out, tasks, settings, base_images=None) -> dict:
+  """`tasks` judged for the base and `encoder`; `base_images`: the base's images, already made
+  with the same settings, to judge instead of generating them again."""
+  sd.value_encoder = weights.load_clip_text(encoder)
   return evaluate.run(
-      tasks or stages.eval_tasks(group), stages.demo_judges(), out,
-      sd=weights.load_sd(os.path.join(workdir, "base_model"), value_encoder=encoder),
+      tasks, stages.demo_judges(), out, sd=sd,
+      image_folders={"base": base_images} if base_images else None,
       generation=stages.generation(settings, settings.eval_images, settings.eval_seed),
       log=lambda message: None)
 
@@ -80,23 +84,25 @@ def main(argv):
     os.symlink(os.path.join(os.path.abspath(_BASE.value), "base_model"), base)
   settings = stages.DemoSettings(train_overrides=overrides(_SET.value), seeds=_SEEDS.value)
   stages.run(workdir, settings, log=lambda message: None)
-  print(open(os.path.join(workdir, "report.md"), encoding="utf-8").read())
+  with open(os.path.join(workdir, "report.md"), encoding="utf-8") as f:
+    print(f.read())
   for seed in range(settings.seeds):
     folder = os.path.join(workdir, f"seed_{seed}")
-    with open(os.path.join(folder, "selection.json"), encoding="utf-8") as f:
-      selection = json.load(f)
+    selection = files.read_json_object(os.path.join(folder, "selection.json"))
     print(f"seed {seed}: picked step {selection['step']}; validation (step, score, D2): "
           + ", ".join(f"({p['step']}, {p['score'] if p['score'] is None else round(p['score'], 3)}"
                       f", {p['metrics']['d2']:.3f})" for p in selection["curve"]))
     for group in stages.EVAL_PROMPTS:
       print(f" {group}:", *value_halves(os.path.join(folder, "eval", group)), sep="\n")
   seed_0 = os.path.join(workdir, "seed_0")
+  sd = weights.load_sd(base)
   for step in _STEPS.value:
     encoder = os.path.join(seed_0, "validation", f"step_{step}", "value_encoder")
     cells = []
     for group in stages.EVAL_PROMPTS:
-      livo = evaluate_encoder(workdir, encoder, os.path.join(workdir, "steps", step, group),
-                              group, settings)["livo"]
+      livo = evaluate_encoder(
+          sd, encoder, os.path.join(workdir, "steps", step, group), stages.eval_tasks(group),
+          settings, base_images=os.path.join(seed_0, "eval", group, "images", "base"))["livo"]
       cells.append(f"{group}: toxicity {livo['toxicity_ratio']:.3f}, D2 {livo['d2']:.3f}, "
                    f"shapes {livo['shape_accuracy']:.3f}")
     print(f"step {step}: " + "; ".join(cells))
@@ -105,8 +111,7 @@ def main(argv):
     for group in stages.EVAL_PROMPTS:
       out = os.path.join(workdir, "guidance", scale, group)
       bias = [t for t in stages.eval_tasks(group) if t.name == "bias"]
-      summary = evaluate_encoder(workdir, os.path.join(seed_0, "value_encoder"), out, group,
-                                 scaled, bias)
+      summary = evaluate_encoder(sd, os.path.join(seed_0, "value_encoder"), out, bias, scaled)
       print(f"guidance {scale}, {group}: D2 base {summary['base']['d2']:.3f}, "
             f"LiVO {summary['livo']['d2']:.3f}", *value_halves(out), sep="\n")
 
